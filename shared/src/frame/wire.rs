@@ -1,0 +1,290 @@
+//! The frame body's protobuf schema, written out with `prost` derives (no
+//! `.proto` build step, no `protoc`). Tags are forever: never reuse or
+//! renumber one; add new fields as optional with new tags.
+//!
+//! ```proto
+//! message Body    { string client_id = 1; Facts facts = 2; repeated Event events = 3; optional int64 sent_at_ms = 4; }
+//! message Facts   { optional string client_ip = 1; optional string user_agent = 2; int64 received_at_ms = 3;
+//!                   optional string pop = 4; optional string country_hint = 5; optional string origin = 6; }
+//! message Event   { string event_id = 1; int64 timestamp_ms = 2; uint32 kind = 3; optional string name = 4;
+//!                   optional string message = 5; optional uint32 level = 6; optional string user_id = 7;
+//!                   optional string anonymous_id = 8; optional string session_id = 9; bytes properties_json = 10;
+//!                   Context context = 11; bytes trace_id = 12; bytes span_id = 13; optional uint64 seq = 14;
+//!                   uint32 priority = 15; }
+//! message Context { optional string app_version = 1; … library_version = 8; }
+//! ```
+//!
+//! Trace and span ids travel as raw bytes (16 and 8), not hex.
+
+use serde_json::{Map, Value};
+
+use super::Batch;
+use crate::event::{
+    Context as EventContext, EdgeFacts, Event as DomainEvent, Kind, Level, Priority, Timestamp,
+};
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct Body {
+    #[prost(string, tag = "1")]
+    pub client_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub facts: Option<Facts>,
+    #[prost(message, repeated, tag = "3")]
+    pub events: Vec<Event>,
+    #[prost(int64, optional, tag = "4")]
+    pub sent_at_ms: Option<i64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct Facts {
+    #[prost(string, optional, tag = "1")]
+    pub client_ip: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub user_agent: Option<String>,
+    #[prost(int64, tag = "3")]
+    pub received_at_ms: i64,
+    #[prost(string, optional, tag = "4")]
+    pub pop: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    pub country_hint: Option<String>,
+    #[prost(string, optional, tag = "6")]
+    pub origin: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct Event {
+    #[prost(string, tag = "1")]
+    pub event_id: String,
+    #[prost(int64, tag = "2")]
+    pub timestamp_ms: i64,
+    #[prost(uint32, tag = "3")]
+    pub kind: u32,
+    #[prost(string, optional, tag = "4")]
+    pub name: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    pub message: Option<String>,
+    #[prost(uint32, optional, tag = "6")]
+    pub level: Option<u32>,
+    #[prost(string, optional, tag = "7")]
+    pub user_id: Option<String>,
+    #[prost(string, optional, tag = "8")]
+    pub anonymous_id: Option<String>,
+    #[prost(string, optional, tag = "9")]
+    pub session_id: Option<String>,
+    #[prost(bytes = "vec", tag = "10")]
+    pub properties_json: Vec<u8>,
+    #[prost(message, optional, tag = "11")]
+    pub context: Option<Context>,
+    #[prost(bytes = "vec", tag = "12")]
+    pub trace_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "13")]
+    pub span_id: Vec<u8>,
+    #[prost(uint64, optional, tag = "14")]
+    pub seq: Option<u64>,
+    #[prost(uint32, tag = "15")]
+    pub priority: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct Context {
+    #[prost(string, optional, tag = "1")]
+    pub app_version: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    pub platform: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    pub device_model: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    pub os: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    pub os_version: Option<String>,
+    #[prost(string, optional, tag = "6")]
+    pub locale: Option<String>,
+    #[prost(string, optional, tag = "7")]
+    pub library_name: Option<String>,
+    #[prost(string, optional, tag = "8")]
+    pub library_version: Option<String>,
+}
+
+fn kind_to_wire(k: Kind) -> u32 {
+    match k {
+        Kind::Event => 0,
+        Kind::Log => 1,
+    }
+}
+
+fn kind_from_wire(v: u32) -> Result<Kind, String> {
+    match v {
+        0 => Ok(Kind::Event),
+        1 => Ok(Kind::Log),
+        other => Err(format!("unknown kind {other}")),
+    }
+}
+
+fn level_from_wire(v: u32) -> Result<Level, String> {
+    Level::ALL
+        .get(v as usize)
+        .copied()
+        .ok_or_else(|| format!("unknown level {v}"))
+}
+
+fn level_to_wire(l: Level) -> u32 {
+    Level::ALL.iter().position(|x| *x == l).unwrap_or_default() as u32
+}
+
+fn priority_from_wire(v: u32) -> Result<Priority, String> {
+    match v {
+        0 => Ok(Priority::Normal),
+        1 => Ok(Priority::High),
+        other => Err(format!("unknown priority {other}")),
+    }
+}
+
+/// Validation guarantees lower-case hex of the right length; anything else
+/// is refused rather than sent in a form that would decode to another value.
+fn hex_to_wire(id: Option<&str>, len: usize) -> Result<Vec<u8>, &'static str> {
+    match id {
+        None => Ok(Vec::new()),
+        Some(s) if s.len() == len * 2 && !s.bytes().any(|b| b.is_ascii_uppercase()) => {
+            hex::decode(s).map_err(|_| "trace_id and span_id must be hex")
+        }
+        Some(_) => Err("trace_id and span_id must be lower-case hex of W3C length"),
+    }
+}
+
+fn hex_from_wire(bytes: &[u8], len: usize, what: &str) -> Result<Option<String>, String> {
+    match bytes.len() {
+        0 => Ok(None),
+        n if n == len => Ok(Some(hex::encode(bytes))),
+        n => Err(format!("{what} has {n} bytes, expected {len}")),
+    }
+}
+
+impl Body {
+    pub(super) fn from_batch(batch: &Batch) -> Result<Body, &'static str> {
+        let f = &batch.facts;
+        Ok(Body {
+            client_id: batch.client_id.clone(),
+            facts: Some(Facts {
+                client_ip: f.client_ip.clone(),
+                user_agent: f.user_agent.clone(),
+                received_at_ms: f.received_at.millis(),
+                pop: f.pop.clone(),
+                country_hint: f.country_hint.clone(),
+                origin: f.origin.clone(),
+            }),
+            events: batch
+                .events
+                .iter()
+                .map(|e| Event::from_domain(e, f.received_at))
+                .collect::<Result<_, _>>()?,
+            sent_at_ms: batch.sent_at.map(Timestamp::millis),
+        })
+    }
+
+    pub(super) fn into_batch(self) -> Result<Batch, String> {
+        let f = self.facts.ok_or("missing facts")?;
+        let facts = EdgeFacts {
+            client_ip: f.client_ip,
+            user_agent: f.user_agent,
+            received_at: Timestamp(f.received_at_ms),
+            pop: f.pop,
+            country_hint: f.country_hint,
+            origin: f.origin,
+        };
+        let events = self
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| e.into_domain().map_err(|m| format!("event {i}: {m}")))
+            .collect::<Result<_, _>>()?;
+        Ok(Batch {
+            client_id: self.client_id,
+            facts,
+            events,
+            sent_at: self.sent_at_ms.map(Timestamp),
+        })
+    }
+}
+
+impl Event {
+    fn from_domain(e: &DomainEvent, received_at: Timestamp) -> Result<Event, &'static str> {
+        let c = &e.context;
+        let context = (!c.is_empty()).then(|| Context {
+            app_version: c.app_version.clone(),
+            platform: c.platform.clone(),
+            device_model: c.device_model.clone(),
+            os: c.os.clone(),
+            os_version: c.os_version.clone(),
+            locale: c.locale.clone(),
+            library_name: c.library_name.clone(),
+            library_version: c.library_version.clone(),
+        });
+        Ok(Event {
+            event_id: e.event_id.clone(),
+            // Validation always fills the timestamp; an unvalidated event
+            // gets the arrival time, as validation would give it.
+            timestamp_ms: e.timestamp.unwrap_or(received_at).millis(),
+            kind: kind_to_wire(e.kind),
+            name: e.name.clone(),
+            message: e.message.clone(),
+            level: e.level.map(level_to_wire),
+            user_id: e.user_id.clone(),
+            anonymous_id: e.anonymous_id.clone(),
+            session_id: e.session_id.clone(),
+            properties_json: if e.properties.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&e.properties).unwrap_or_default()
+            },
+            context,
+            trace_id: hex_to_wire(e.trace_id.as_deref(), 16)?,
+            span_id: hex_to_wire(e.span_id.as_deref(), 8)?,
+            seq: e.seq,
+            priority: match e.priority {
+                Priority::Normal => 0,
+                Priority::High => 1,
+            },
+        })
+    }
+
+    fn into_domain(self) -> Result<DomainEvent, String> {
+        let properties = if self.properties_json.is_empty() {
+            Map::new()
+        } else {
+            match serde_json::from_slice::<Value>(&self.properties_json) {
+                Ok(Value::Object(m)) => m,
+                Ok(_) => return Err("properties are not a JSON object".into()),
+                Err(e) => return Err(format!("properties: {e}")),
+            }
+        };
+        let context = self
+            .context
+            .map_or_else(EventContext::default, |c| EventContext {
+                app_version: c.app_version,
+                platform: c.platform,
+                device_model: c.device_model,
+                os: c.os,
+                os_version: c.os_version,
+                locale: c.locale,
+                library_name: c.library_name,
+                library_version: c.library_version,
+            });
+        Ok(DomainEvent {
+            event_id: self.event_id,
+            timestamp: Some(Timestamp(self.timestamp_ms)),
+            kind: kind_from_wire(self.kind)?,
+            name: self.name,
+            message: self.message,
+            level: self.level.map(level_from_wire).transpose()?,
+            user_id: self.user_id,
+            anonymous_id: self.anonymous_id,
+            session_id: self.session_id,
+            properties,
+            context,
+            trace_id: hex_from_wire(&self.trace_id, 16, "trace_id")?,
+            span_id: hex_from_wire(&self.span_id, 8, "span_id")?,
+            seq: self.seq,
+            priority: priority_from_wire(self.priority)?,
+        })
+    }
+}

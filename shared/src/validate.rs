@@ -1,0 +1,982 @@
+//! Validation: the rules an event must meet, with configurable limits.
+//!
+//! The edge runs [`parse_batch`] on the request body; the aggregator runs
+//! [`validate_event`] again on what a frame carries (a trusted server may
+//! send frames straight to it). A batch is accepted in part: each event that
+//! breaks a rule yields one [`FieldError`] with its index, the others go on.
+//! Whole-request problems (bad JSON, too many events) fail the request.
+
+use std::collections::HashSet;
+
+use serde::de::{DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::error::{ErrorCode, FieldError};
+use crate::event::{Event, Kind, Level, Timestamp};
+
+/// Every bound validation applies. The defaults are the documented limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, after decompression, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest single event as JSON, in bytes.
+    pub max_event_bytes: usize,
+    /// Most events in one batch.
+    pub max_batch_events: usize,
+    /// Longest `event_id`, `user_id`, `anonymous_id`, `session_id`, in bytes.
+    pub max_id_bytes: usize,
+    /// Longest `name`, in bytes.
+    pub max_name_bytes: usize,
+    /// Longest log `message`, in bytes.
+    pub max_message_bytes: usize,
+    /// Longest `context` value, in bytes.
+    pub max_context_value_bytes: usize,
+    /// Deepest nesting of objects and arrays inside `properties`
+    /// (`{"a":1}` has depth 1, `{"a":{"b":1}}` depth 2).
+    pub max_property_depth: usize,
+    /// Most keys and array elements inside `properties`, counted at every level.
+    pub max_property_entries: usize,
+    /// Longest property key, in bytes.
+    pub max_property_key_bytes: usize,
+    /// How far before arrival a timestamp may lie, in seconds.
+    pub max_past_secs: u64,
+    /// How far after arrival a timestamp may lie (client clock skew), in seconds.
+    pub max_future_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 512 * 1024,
+            max_event_bytes: 32 * 1024,
+            max_batch_events: 500,
+            max_id_bytes: 128,
+            max_name_bytes: 200,
+            max_message_bytes: 16 * 1024,
+            max_context_value_bytes: 200,
+            max_property_depth: 8,
+            max_property_entries: 1000,
+            max_property_key_bytes: 200,
+            max_past_secs: 30 * 24 * 3600,
+            max_future_secs: 3600,
+        }
+    }
+}
+
+/// What a batch request yields: the events that passed, and one error per
+/// event that did not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchOutcome {
+    /// Valid events, in request order, timestamps filled in.
+    pub accepted: Vec<Event>,
+    /// One entry per rejected event (with its index).
+    pub rejected: Vec<FieldError>,
+    /// The client's `sent_at`, if given.
+    pub sent_at: Option<Timestamp>,
+    /// A write key carried in the body (`navigator.sendBeacon` cannot set headers).
+    pub write_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    batch: Option<&'a RawValue>,
+    #[serde(default)]
+    sent_at: Option<Timestamp>,
+    #[serde(default)]
+    write_key: Option<String>,
+}
+
+/// Reads a JSON array into raw elements, stopping as soon as it holds more
+/// than `max` (so a body of tiny elements cannot make a huge vector).
+struct BoundedRawArray {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for BoundedRawArray {
+    type Value = Vec<&'de RawValue>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BoundedRawArray {
+    type Value = Vec<&'de RawValue>;
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("an array of events")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if out.len() == self.max {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+const TOO_MANY: &str = "outpost: too many events";
+
+/// Parses and validates a `POST /v1/batch` body:
+/// `{"batch":[event, …], "sent_at": …, "write_key": …}`.
+///
+/// `body` must already be bounded by [`Limits::max_body_bytes`] (the reader
+/// stops there); this checks again so that no caller can forget.
+pub fn parse_batch(
+    body: &[u8],
+    limits: &Limits,
+    received_at: Timestamp,
+) -> Result<BatchOutcome, FieldError> {
+    if body.len() > limits.max_body_bytes {
+        return Err(FieldError::new(
+            ErrorCode::BodyTooLarge,
+            None,
+            format!("the body is larger than {} bytes", limits.max_body_bytes),
+        ));
+    }
+    let raw: RawBatch<'_> = serde_json::from_slice(body).map_err(|e| request_error(&e))?;
+    let array = raw.batch.ok_or_else(|| {
+        FieldError::new(ErrorCode::MissingField, Some("batch"), "batch is required")
+    })?;
+    let mut de = serde_json::Deserializer::from_str(array.get());
+    let items = BoundedRawArray {
+        max: limits.max_batch_events,
+    }
+    .deserialize(&mut de)
+    .map_err(|e| {
+        if e.to_string().starts_with(TOO_MANY) {
+            FieldError::new(
+                ErrorCode::TooManyEvents,
+                Some("batch"),
+                format!("a batch holds at most {} events", limits.max_batch_events),
+            )
+        } else {
+            FieldError::new(
+                ErrorCode::InvalidField,
+                Some("batch"),
+                "batch must be an array",
+            )
+        }
+    })?;
+    if items.is_empty() {
+        return Err(FieldError::new(
+            ErrorCode::EmptyBatch,
+            Some("batch"),
+            "batch is empty",
+        ));
+    }
+
+    let mut accepted = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    let mut seen = HashSet::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let result = parse_event_raw(item.get(), limits, received_at).and_then(|event| {
+            if seen.insert(event.event_id.clone()) {
+                Ok(event)
+            } else {
+                Err(FieldError::new(
+                    ErrorCode::DuplicateEventId,
+                    Some("event_id"),
+                    "an earlier event in this batch has the same event_id",
+                )
+                .with_event_id(Some(event.event_id)))
+            }
+        });
+        match result {
+            Ok(event) => accepted.push(event),
+            Err(mut err) => {
+                err.index = Some(index);
+                if err.event_id.is_none() {
+                    err.event_id = peek_event_id(item.get());
+                }
+                rejected.push(err);
+            }
+        }
+    }
+    Ok(BatchOutcome {
+        accepted,
+        rejected,
+        sent_at: raw.sent_at,
+        write_key: raw.write_key,
+    })
+}
+
+/// Parses and validates a `POST /v1/event` body: one event object.
+pub fn parse_event(
+    body: &[u8],
+    limits: &Limits,
+    received_at: Timestamp,
+) -> Result<Event, FieldError> {
+    let text = core::str::from_utf8(body)
+        .map_err(|_| FieldError::new(ErrorCode::MalformedJson, None, "the body is not UTF-8"))?;
+    // A lone event must still be a JSON value before per-field rules apply.
+    serde_json::from_str::<&RawValue>(text).map_err(|e| request_error(&e))?;
+    parse_event_raw(text, limits, received_at).map_err(|e| {
+        let id = peek_event_id(text);
+        e.with_event_id(id)
+    })
+}
+
+fn parse_event_raw(
+    json: &str,
+    limits: &Limits,
+    received_at: Timestamp,
+) -> Result<Event, FieldError> {
+    if json.len() > limits.max_event_bytes {
+        return Err(FieldError::new(
+            ErrorCode::EventTooLarge,
+            None,
+            format!("the event is larger than {} bytes", limits.max_event_bytes),
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    let mut event: Event =
+        serde_path_to_error::deserialize(&mut de).map_err(|e| field_error(&e))?;
+    validate_event(&mut event, limits, received_at)?;
+    Ok(event)
+}
+
+fn peek_event_id(json: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        event_id: Option<Value>,
+    }
+    let id = serde_json::from_str::<IdOnly>(json).ok()?.event_id?;
+    // Echo the id back only when it is a short string: the error list must stay small.
+    id.as_str().filter(|s| s.len() <= 128).map(str::to_owned)
+}
+
+/// An error about the whole request body.
+fn request_error(e: &serde_json::Error) -> FieldError {
+    let msg = strip_position(&e.to_string());
+    if let Some(field) = quoted_after(&msg, "unknown field `") {
+        return FieldError::new(ErrorCode::UnknownField, Some(&field), msg);
+    }
+    if e.classify() == serde_json::error::Category::Data {
+        if msg.contains("timestamp") {
+            return FieldError::new(ErrorCode::InvalidTimestamp, Some("sent_at"), msg);
+        }
+        return FieldError::new(ErrorCode::MalformedJson, None, msg);
+    }
+    FieldError::new(ErrorCode::MalformedJson, None, msg)
+}
+
+/// An error about one event, with the path to the field at fault.
+fn field_error(e: &serde_path_to_error::Error<serde_json::Error>) -> FieldError {
+    let inner = e.inner();
+    let msg = strip_position(&inner.to_string());
+    let path = e.path().to_string();
+    let join = |name: &str| {
+        if path == "." || path.is_empty() {
+            name.to_owned()
+        } else if path.ends_with(name) {
+            path.clone()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    if let Some(name) = quoted_after(&msg, "missing field `") {
+        return FieldError::new(ErrorCode::MissingField, Some(&join(&name)), msg);
+    }
+    if let Some(name) = quoted_after(&msg, "unknown field `") {
+        return FieldError::new(ErrorCode::UnknownField, Some(&join(&name)), msg);
+    }
+    if inner.classify() != serde_json::error::Category::Data {
+        return FieldError::new(ErrorCode::MalformedJson, None, msg);
+    }
+    let code = if path == "timestamp" {
+        ErrorCode::InvalidTimestamp
+    } else {
+        ErrorCode::InvalidField
+    };
+    let field = if path == "." {
+        None
+    } else {
+        Some(path.as_str())
+    };
+    FieldError::new(code, field, msg)
+}
+
+fn quoted_after(msg: &str, prefix: &str) -> Option<String> {
+    let rest = msg.strip_prefix(prefix)?;
+    rest.split_once('`').map(|(name, _)| name.to_owned())
+}
+
+/// serde_json appends " at line 1 column 7"; the field path says more.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+/// Applies every rule to one event, filling defaults (`timestamp` from
+/// `received_at`, `level: info` for logs).
+pub fn validate_event(
+    event: &mut Event,
+    limits: &Limits,
+    received_at: Timestamp,
+) -> Result<(), FieldError> {
+    let err = |code, field: &str, message: String| Err(FieldError::new(code, Some(field), message));
+
+    if !is_uuid(&event.event_id) && !is_ulid(&event.event_id) {
+        return err(
+            ErrorCode::InvalidEventId,
+            "event_id",
+            "event_id must be a hyphenated UUID or a 26-character ULID".into(),
+        );
+    }
+    match event.kind {
+        Kind::Event => {
+            if event.name.as_deref().is_none_or(|n| n.trim().is_empty()) {
+                return err(
+                    ErrorCode::MissingField,
+                    "name",
+                    "name is required for kind \"event\"".into(),
+                );
+            }
+        }
+        Kind::Log => {
+            if event.message.as_deref().is_none_or(str::is_empty) {
+                return err(
+                    ErrorCode::MissingField,
+                    "message",
+                    "message is required for kind \"log\"".into(),
+                );
+            }
+            event.level.get_or_insert(Level::Info);
+        }
+    }
+    check_str("name", event.name.as_deref(), limits.max_name_bytes, false)?;
+    check_str(
+        "message",
+        event.message.as_deref(),
+        limits.max_message_bytes,
+        false,
+    )?;
+    check_str(
+        "user_id",
+        event.user_id.as_deref(),
+        limits.max_id_bytes,
+        true,
+    )?;
+    check_str(
+        "anonymous_id",
+        event.anonymous_id.as_deref(),
+        limits.max_id_bytes,
+        true,
+    )?;
+    check_str(
+        "session_id",
+        event.session_id.as_deref(),
+        limits.max_id_bytes,
+        true,
+    )?;
+    for (name, value) in event.context.fields() {
+        check_context(name, value, limits.max_context_value_bytes)?;
+    }
+    if let Some(t) = &event.trace_id
+        && !is_lower_hex_id(t, 32)
+    {
+        return err(
+            ErrorCode::InvalidTraceContext,
+            "trace_id",
+            "trace_id must be 32 lower-case hex digits, not all zero".into(),
+        );
+    }
+    if let Some(s) = &event.span_id
+        && !is_lower_hex_id(s, 16)
+    {
+        return err(
+            ErrorCode::InvalidTraceContext,
+            "span_id",
+            "span_id must be 16 lower-case hex digits, not all zero".into(),
+        );
+    }
+
+    let ts = *event.timestamp.get_or_insert(received_at);
+    let earliest = received_at
+        .millis()
+        .saturating_sub(secs_to_millis(limits.max_past_secs));
+    let latest = received_at
+        .millis()
+        .saturating_add(secs_to_millis(limits.max_future_secs));
+    if ts.millis() < earliest || ts.millis() > latest {
+        return err(
+            ErrorCode::TimestampOutOfRange,
+            "timestamp",
+            format!(
+                "timestamp {ts} must lie between {} before and {} after arrival ({received_at})",
+                human_secs(limits.max_past_secs),
+                human_secs(limits.max_future_secs)
+            ),
+        );
+    }
+
+    let mut budget = PropertyBudget { entries: 0, limits };
+    for (key, value) in &event.properties {
+        budget.visit_key(key, "properties")?;
+        budget.visit(value, 1, "properties")?;
+    }
+    Ok(())
+}
+
+fn secs_to_millis(secs: u64) -> i64 {
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000)
+}
+
+fn human_secs(secs: u64) -> String {
+    match secs {
+        s if s % 86_400 == 0 => format!("{} d", s / 86_400),
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s => format!("{s} s"),
+    }
+}
+
+fn check_str(
+    field: &str,
+    value: Option<&str>,
+    max: usize,
+    non_empty: bool,
+) -> Result<(), FieldError> {
+    let Some(v) = value else { return Ok(()) };
+    if v.len() > max {
+        return Err(FieldError::new(
+            ErrorCode::StringTooLong,
+            Some(field),
+            format!("{field} is longer than {max} bytes"),
+        ));
+    }
+    if non_empty && v.is_empty() {
+        return Err(FieldError::new(
+            ErrorCode::InvalidField,
+            Some(field),
+            format!("{field} must not be empty; omit it instead"),
+        ));
+    }
+    if v.contains('\0') {
+        return Err(nul_error(field));
+    }
+    Ok(())
+}
+
+fn check_context(name: &str, value: Option<&str>, max: usize) -> Result<(), FieldError> {
+    let Some(v) = value else { return Ok(()) };
+    let field = format!("context.{name}");
+    if v.len() > max {
+        return Err(FieldError::new(
+            ErrorCode::StringTooLong,
+            Some(&field),
+            format!("{field} is longer than {max} bytes"),
+        ));
+    }
+    if v.contains('\0') {
+        return Err(nul_error(&field));
+    }
+    Ok(())
+}
+
+// PostgreSQL text and JSONB cannot hold U+0000: reject it here, with a clear
+// error, rather than dead-letter the row later.
+fn nul_error(field: &str) -> FieldError {
+    FieldError::new(
+        ErrorCode::InvalidField,
+        Some(field),
+        format!("{field} must not contain U+0000"),
+    )
+}
+
+struct PropertyBudget<'a> {
+    entries: usize,
+    limits: &'a Limits,
+}
+
+impl PropertyBudget<'_> {
+    fn count(&mut self) -> Result<(), FieldError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_property_entries {
+            return Err(FieldError::new(
+                ErrorCode::TooManyProperties,
+                Some("properties"),
+                format!(
+                    "properties hold more than {} keys and elements",
+                    self.limits.max_property_entries
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn visit_key(&mut self, key: &str, at: &str) -> Result<(), FieldError> {
+        self.count()?;
+        if key.len() > self.limits.max_property_key_bytes {
+            return Err(FieldError::new(
+                ErrorCode::StringTooLong,
+                Some(at),
+                format!(
+                    "a property key is longer than {} bytes",
+                    self.limits.max_property_key_bytes
+                ),
+            ));
+        }
+        if key.contains('\0') {
+            return Err(nul_error(at));
+        }
+        Ok(())
+    }
+
+    /// `depth` is the nesting level of the container holding `value`.
+    fn visit(&mut self, value: &Value, depth: usize, at: &str) -> Result<(), FieldError> {
+        let too_deep = || {
+            Err(FieldError::new(
+                ErrorCode::PropertiesTooDeep,
+                Some("properties"),
+                format!(
+                    "properties nest deeper than {} levels",
+                    self.limits.max_property_depth
+                ),
+            ))
+        };
+        match value {
+            Value::String(s) if s.contains('\0') => Err(nul_error(at)),
+            Value::Array(items) => {
+                if depth + 1 > self.limits.max_property_depth {
+                    return too_deep();
+                }
+                for item in items {
+                    self.count()?;
+                    self.visit(item, depth + 1, at)?;
+                }
+                Ok(())
+            }
+            Value::Object(map) => {
+                if depth + 1 > self.limits.max_property_depth {
+                    return too_deep();
+                }
+                for (k, v) in map {
+                    self.visit_key(k, at)?;
+                    self.visit(v, depth + 1, at)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A hyphenated UUID, any version (`8-4-4-4-12` hex digits, either case).
+pub fn is_uuid(s: &str) -> bool {
+    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok()
+}
+
+/// A ULID: 26 Crockford base32 characters, the first at most `7` (128 bits).
+pub fn is_ulid(s: &str) -> bool {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZabcdefghjkmnpqrstvwxyz";
+    s.len() == 26 && s.as_bytes()[0] <= b'7' && s.bytes().all(|b| ALPHABET.contains(&b))
+}
+
+fn is_lower_hex_id(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && s.bytes().any(|b| b != b'0')
+}
+
+impl FieldError {
+    /// Sets the event id this error is about.
+    pub fn with_event_id(mut self, id: Option<String>) -> Self {
+        self.event_id = id;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: Timestamp = Timestamp(1_795_701_600_000); // 2026-11-26T14:00:00Z
+    const ID: &str = "0192f0c1-7b3a-7cc2-9a57-1d2e3f4a5b6c";
+
+    fn ev(extra: Value) -> Value {
+        let mut base = json!({"event_id": ID, "name": "checkout"});
+        if let (Value::Object(b), Value::Object(e)) = (&mut base, extra) {
+            for (k, v) in e {
+                if v.is_null() {
+                    b.remove(&k);
+                } else {
+                    b.insert(k, v);
+                }
+            }
+        }
+        base
+    }
+
+    fn one(event: Value) -> Result<Event, FieldError> {
+        parse_event(event.to_string().as_bytes(), &Limits::default(), NOW)
+    }
+
+    fn deep(levels: usize) -> Value {
+        let mut v = json!(1);
+        for _ in 0..levels {
+            v = json!({ "x": v });
+        }
+        v
+    }
+
+    #[test]
+    fn event_rules_table() {
+        let long = "x".repeat(201);
+        let cases: Vec<(&str, Value, Option<(ErrorCode, &str)>)> = vec![
+            ("minimal event", ev(json!({})), None),
+            (
+                "ulid id",
+                ev(json!({"event_id": "01JDQ2Z8C6V4W3X2Y1Z0ABCDEF"})),
+                None,
+            ),
+            (
+                "missing id",
+                ev(json!({"event_id": null})),
+                Some((ErrorCode::MissingField, "event_id")),
+            ),
+            (
+                "bad id",
+                ev(json!({"event_id": "42"})),
+                Some((ErrorCode::InvalidEventId, "event_id")),
+            ),
+            (
+                "ulid overflow",
+                ev(json!({"event_id": "81JDQ2Z8C6V4W3X2Y1Z0ABCDEF"})),
+                Some((ErrorCode::InvalidEventId, "event_id")),
+            ),
+            (
+                "id wrong type",
+                ev(json!({"event_id": 7})),
+                Some((ErrorCode::InvalidField, "event_id")),
+            ),
+            (
+                "missing name",
+                ev(json!({"name": null})),
+                Some((ErrorCode::MissingField, "name")),
+            ),
+            (
+                "blank name",
+                ev(json!({"name": "  "})),
+                Some((ErrorCode::MissingField, "name")),
+            ),
+            (
+                "long name",
+                ev(json!({"name": long})),
+                Some((ErrorCode::StringTooLong, "name")),
+            ),
+            (
+                "log without message",
+                ev(json!({"kind": "log"})),
+                Some((ErrorCode::MissingField, "message")),
+            ),
+            (
+                "log with message",
+                ev(json!({"kind": "log", "message": "hi", "name": null})),
+                None,
+            ),
+            (
+                "bad kind",
+                ev(json!({"kind": "metric"})),
+                Some((ErrorCode::InvalidField, "kind")),
+            ),
+            (
+                "bad level",
+                ev(json!({"level": "loud"})),
+                Some((ErrorCode::InvalidField, "level")),
+            ),
+            (
+                "bad priority",
+                ev(json!({"priority": "urgent"})),
+                Some((ErrorCode::InvalidField, "priority")),
+            ),
+            (
+                "unknown field",
+                ev(json!({"nmae": "x"})),
+                Some((ErrorCode::UnknownField, "nmae")),
+            ),
+            (
+                "unknown context field",
+                ev(json!({"context": {"osv": "1"}})),
+                Some((ErrorCode::UnknownField, "context.osv")),
+            ),
+            (
+                "context type",
+                ev(json!({"context": {"app_version": 3}})),
+                Some((ErrorCode::InvalidField, "context.app_version")),
+            ),
+            (
+                "long context",
+                ev(json!({"context": {"platform": long}})),
+                Some((ErrorCode::StringTooLong, "context.platform")),
+            ),
+            (
+                "empty user id",
+                ev(json!({"user_id": ""})),
+                Some((ErrorCode::InvalidField, "user_id")),
+            ),
+            (
+                "nul in user id",
+                ev(json!({"user_id": "a\u{0}b"})),
+                Some((ErrorCode::InvalidField, "user_id")),
+            ),
+            (
+                "nul in property",
+                ev(json!({"properties": {"a": ["x\u{0}"]}})),
+                Some((ErrorCode::InvalidField, "properties")),
+            ),
+            (
+                "properties not object",
+                ev(json!({"properties": [1]})),
+                Some((ErrorCode::InvalidField, "properties")),
+            ),
+            ("depth at limit", ev(json!({"properties": deep(8)})), None),
+            (
+                "too deep",
+                ev(json!({"properties": deep(9)})),
+                Some((ErrorCode::PropertiesTooDeep, "properties")),
+            ),
+            (
+                "long key",
+                ev(json!({"properties": {long.clone(): 1}})),
+                Some((ErrorCode::StringTooLong, "properties")),
+            ),
+            (
+                "bad trace id",
+                ev(json!({"trace_id": "4BF92F3577B34DA6A3CE929D0E0E4736"})),
+                Some((ErrorCode::InvalidTraceContext, "trace_id")),
+            ),
+            (
+                "zero span id",
+                ev(json!({"span_id": "0000000000000000"})),
+                Some((ErrorCode::InvalidTraceContext, "span_id")),
+            ),
+            (
+                "good trace",
+                ev(
+                    json!({"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}),
+                ),
+                None,
+            ),
+            (
+                "bad timestamp",
+                ev(json!({"timestamp": "noon"})),
+                Some((ErrorCode::InvalidTimestamp, "timestamp")),
+            ),
+            (
+                "too old",
+                ev(json!({"timestamp": "2026-10-26T13:59:59Z"})),
+                Some((ErrorCode::TimestampOutOfRange, "timestamp")),
+            ),
+            (
+                "30 days old",
+                ev(json!({"timestamp": "2026-10-27T14:00:00Z"})),
+                None,
+            ),
+            (
+                "skew within an hour",
+                ev(json!({"timestamp": "2026-11-26T15:00:00Z"})),
+                None,
+            ),
+            (
+                "far future",
+                ev(json!({"timestamp": "2026-11-26T15:00:01Z"})),
+                Some((ErrorCode::TimestampOutOfRange, "timestamp")),
+            ),
+            (
+                "negative seq",
+                ev(json!({"seq": -1})),
+                Some((ErrorCode::InvalidField, "seq")),
+            ),
+        ];
+        for (what, input, expected) in cases {
+            let got = one(input);
+            match (expected, got) {
+                (None, Ok(_)) => {}
+                (Some((code, field)), Err(e)) => {
+                    assert_eq!(e.code, code, "{what}: {e:?}");
+                    assert_eq!(e.field.as_deref(), Some(field), "{what}: {e:?}");
+                }
+                (expected, got) => panic!("{what}: expected {expected:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let e = one(ev(json!({}))).unwrap();
+        assert_eq!(e.timestamp, Some(NOW));
+        let log = one(ev(json!({"kind": "log", "message": "m"}))).unwrap();
+        assert_eq!(log.level, Some(Level::Info));
+    }
+
+    #[test]
+    fn property_entries_are_counted_at_every_level() {
+        let limits = Limits {
+            max_property_entries: 4,
+            ..Limits::default()
+        };
+        let ok = ev(json!({"properties": {"a": [1, 2], "b": 3}})); // a, 1, 2, b
+        assert!(parse_event(ok.to_string().as_bytes(), &limits, NOW).is_ok());
+        let over = ev(json!({"properties": {"a": [1, 2, 3], "b": 3}}));
+        let e = parse_event(over.to_string().as_bytes(), &limits, NOW).unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooManyProperties);
+    }
+
+    #[test]
+    fn batch_is_accepted_in_part_with_per_event_errors() {
+        let body = json!({"batch": [
+            ev(json!({})),
+            ev(json!({"event_id": "not-an-id"})),
+            ev(json!({"event_id": "0192f0c1-7b3a-7cc2-9a57-000000000002", "name": null})),
+            ev(json!({})),
+        ], "sent_at": "2026-11-26T14:00:00Z"});
+        let out = parse_batch(body.to_string().as_bytes(), &Limits::default(), NOW).unwrap();
+        assert_eq!(out.accepted.len(), 1);
+        assert_eq!(out.sent_at, Some(NOW));
+        let summary: Vec<_> = out
+            .rejected
+            .iter()
+            .map(|e| (e.index, e.code, e.event_id.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    Some(1),
+                    ErrorCode::InvalidEventId,
+                    Some("not-an-id".to_owned())
+                ),
+                (
+                    Some(2),
+                    ErrorCode::MissingField,
+                    Some("0192f0c1-7b3a-7cc2-9a57-000000000002".to_owned())
+                ),
+                (Some(3), ErrorCode::DuplicateEventId, Some(ID.to_owned())),
+            ]
+        );
+    }
+
+    #[test]
+    fn whole_request_errors_table() {
+        let limits = Limits {
+            max_batch_events: 2,
+            max_body_bytes: 4096,
+            ..Limits::default()
+        };
+        let e = ev(json!({}));
+        let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+            (
+                "not json",
+                b"{\"batch\": [".to_vec(),
+                ErrorCode::MalformedJson,
+            ),
+            ("empty body", Vec::new(), ErrorCode::MalformedJson),
+            ("not utf8", vec![0xff, 0xfe], ErrorCode::MalformedJson),
+            ("array body", b"[]".to_vec(), ErrorCode::MalformedJson),
+            ("no batch", b"{}".to_vec(), ErrorCode::MissingField),
+            (
+                "batch not array",
+                br#"{"batch":{}}"#.to_vec(),
+                ErrorCode::InvalidField,
+            ),
+            (
+                "empty batch",
+                br#"{"batch":[]}"#.to_vec(),
+                ErrorCode::EmptyBatch,
+            ),
+            (
+                "unknown key",
+                br#"{"batch":[],"extra":1}"#.to_vec(),
+                ErrorCode::UnknownField,
+            ),
+            (
+                "bad sent_at",
+                br#"{"batch":[],"sent_at":"soon"}"#.to_vec(),
+                ErrorCode::InvalidTimestamp,
+            ),
+            (
+                "too many",
+                json!({"batch": [e, e, e]}).to_string().into_bytes(),
+                ErrorCode::TooManyEvents,
+            ),
+            ("too large", vec![b' '; 4097], ErrorCode::BodyTooLarge),
+        ];
+        for (what, body, code) in cases {
+            let got = parse_batch(&body, &limits, NOW).map(|_| ()).unwrap_err();
+            assert_eq!(got.code, code, "{what}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_event_is_rejected_alone() {
+        let limits = Limits {
+            max_event_bytes: 300,
+            ..Limits::default()
+        };
+        let big = ev(json!({"properties": {"blob": "y".repeat(400)}}));
+        let small = ev(json!({"event_id": "0192f0c1-7b3a-7cc2-9a57-000000000009"}));
+        let body = json!({"batch": [big, small]}).to_string();
+        let out = parse_batch(body.as_bytes(), &limits, NOW).unwrap();
+        assert_eq!(out.accepted.len(), 1);
+        assert_eq!(out.rejected[0].code, ErrorCode::EventTooLarge);
+        assert_eq!(out.rejected[0].index, Some(0));
+    }
+
+    #[test]
+    fn write_key_may_travel_in_the_body_for_beacons() {
+        let body = json!({"batch": [ev(json!({}))], "write_key": "wk_demo"}).to_string();
+        let out = parse_batch(body.as_bytes(), &Limits::default(), NOW).unwrap();
+        assert_eq!(out.write_key.as_deref(), Some("wk_demo"));
+    }
+
+    #[test]
+    fn hostile_nesting_is_rejected_without_exhausting_the_stack() {
+        let limits = Limits {
+            max_body_bytes: 1 << 20,
+            max_event_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+            let props = format!("{}1{}", open.repeat(100_000), close.repeat(100_000));
+            let body = format!(
+                "{{\"batch\":[{{\"event_id\":\"{ID}\",\"name\":\"n\",\"properties\":{props}}}]}}"
+            );
+            match parse_batch(body.as_bytes(), &limits, NOW) {
+                Err(e) => assert_eq!(e.code, ErrorCode::MalformedJson),
+                Ok(out) => {
+                    assert!(out.accepted.is_empty());
+                    assert_eq!(out.rejected.len(), 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn floats_survive_parsing_exactly() {
+        let e = one(ev(json!({"properties": {"x": 904138111333.0605_f64}}))).unwrap();
+        assert_eq!(e.properties["x"].as_f64(), Some(904138111333.0605));
+    }
+
+    #[test]
+    fn id_formats() {
+        assert!(is_uuid(ID));
+        assert!(is_uuid(&ID.to_uppercase()));
+        assert!(!is_uuid("0192f0c17b3a7cc29a571d2e3f4a5b6c"));
+        assert!(is_ulid("01JDQ2Z8C6V4W3X2Y1Z0ABCDEF"));
+        assert!(!is_ulid("01JDQ2Z8C6V4W3X2Y1Z0ABCDEU")); // U is not Crockford
+        assert!(!is_ulid("01JDQ2Z8C6V4W3X2Y1Z0ABCDE"));
+    }
+}
