@@ -1,1 +1,145 @@
-fn main() {}
+//! `outpost`: the command line. Today it exposes the shared rules (signing
+//! requests, validating batches); the aggregator service (`serve`, `dev`,
+//! `migrate`, …) lands here next.
+
+use std::io::Read as _;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use outpost_shared::auth::signature;
+use outpost_shared::error::AcceptedResponse;
+use outpost_shared::validate::{Limits, parse_batch};
+use outpost_shared::{ErrorEnvelope, Timestamp};
+
+#[derive(Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Outpost: event and log ingestion for browsers and apps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the HMAC signature headers for a request (body from stdin or --body).
+    Sign {
+        /// Client id (`X-Outpost-Key`).
+        #[arg(long)]
+        key_id: String,
+        /// The client's HMAC secret; read from OUTPOST_SIGNING_SECRET when omitted.
+        #[arg(long, env = "OUTPOST_SIGNING_SECRET", hide_env_values = true)]
+        secret: String,
+        /// HTTP method.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// Path and query, exactly as sent.
+        #[arg(long, default_value = "/v1/batch")]
+        path: String,
+        /// Body; stdin when omitted.
+        #[arg(long)]
+        body: Option<String>,
+        /// Unix seconds; now when omitted.
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// Nonce; none when omitted.
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Print JSON instead of header lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a batch request body (stdin) and print what the edge would answer.
+    Validate,
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn read_stdin() -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    // One byte past the largest body, so an oversized one is still reported as such.
+    std::io::stdin()
+        .take(Limits::default().max_body_bytes as u64 + 1)
+        .read_to_end(&mut buf)
+        .context("reading stdin")?;
+    Ok(buf)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Sign {
+            key_id,
+            secret,
+            method,
+            path,
+            body,
+            timestamp,
+            nonce,
+            json,
+        } => {
+            let body = match body {
+                Some(b) => b.into_bytes(),
+                None => read_stdin()?,
+            };
+            let ts = timestamp.unwrap_or(now_millis() / 1000);
+            let sig = signature::sign(
+                secret.as_bytes(),
+                &method,
+                &path,
+                ts,
+                nonce.as_deref(),
+                &body,
+            );
+            let mut headers = vec![
+                ("X-Outpost-Key", key_id),
+                ("X-Outpost-Timestamp", ts.to_string()),
+            ];
+            if let Some(n) = nonce {
+                headers.push(("X-Outpost-Nonce", n));
+            }
+            headers.push(("X-Outpost-Signature", sig));
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> = headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.into()))
+                    .collect();
+                println!("{}", serde_json::Value::Object(map));
+            } else {
+                for (k, v) in headers {
+                    println!("{k}: {v}");
+                }
+            }
+        }
+        Command::Validate => {
+            let body = read_stdin()?;
+            let request_id = "local";
+            match parse_batch(&body, &Limits::default(), Timestamp(now_millis())) {
+                Ok(out) => {
+                    let resp = AcceptedResponse {
+                        success: true,
+                        accepted: out.accepted.len(),
+                        rejected: out.rejected.len(),
+                        errors: out.rejected,
+                        request_id: request_id.into(),
+                    };
+                    println!("{}", serde_json::to_string_pretty(&resp)?);
+                }
+                Err(e) => {
+                    let env = ErrorEnvelope::new(e.code, request_id)
+                        .with_message(e.message.clone())
+                        .with_errors(vec![e]);
+                    println!("{}", serde_json::to_string_pretty(&env)?);
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    Ok(())
+}

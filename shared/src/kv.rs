@@ -23,11 +23,14 @@ pub trait Kv {
     async fn put(&self, key: &str, value: &[u8], ttl_secs: u64) -> Result<(), Self::Error>;
 }
 
+/// Value, requested TTL in seconds, and the deadline in epoch milliseconds.
+type Entry = (Vec<u8>, u64, i64);
+
 /// An in-process [`Kv`] with expiry by a clock the caller sets: for tests
 /// and single-process use (`outpost dev`). Not shared between processes.
 #[derive(Debug, Default)]
 pub struct MemoryKv {
-    entries: Mutex<HashMap<String, (Vec<u8>, u64, i64)>>,
+    entries: Mutex<HashMap<String, Entry>>,
     now_ms: AtomicI64,
 }
 
@@ -56,7 +59,7 @@ impl MemoryKv {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Vec<u8>, u64, i64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         // A panic while holding the lock cannot leave a map half-written.
         self.entries
             .lock()

@@ -635,7 +635,9 @@ mod tests {
     #[test]
     fn event_rules_table() {
         let long = "x".repeat(201);
-        let cases: Vec<(&str, Value, Option<(ErrorCode, &str)>)> = vec![
+        // (what, input, expected error code and field; None: accepted)
+        type Case<'a> = (&'a str, Value, Option<(ErrorCode, &'a str)>);
+        let cases: Vec<Case<'_>> = vec![
             ("minimal event", ev(json!({})), None),
             (
                 "ulid id",

@@ -389,5 +389,43 @@ pub fn decode(bytes: &[u8], ring: &KeyRing, limits: &FrameLimits) -> Result<Fram
     Ok(Frame { header, batch })
 }
 
+/// Frame building blocks for tests and fuzzing: frames that the encoder
+/// would never write, correctly signed.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// A frame around an arbitrary `body`, edge id `e1`, key id `k-new`,
+    /// signed with `secret`, with `extra_header` appended to the header as
+    /// a newer v1 writer might.
+    pub fn raw_frame(
+        flags: u8,
+        count: u32,
+        body: &[u8],
+        secret: &[u8],
+        extra_header: &[u8],
+    ) -> Vec<u8> {
+        let mut header = vec![2];
+        header.extend_from_slice(b"e1");
+        header.push(5);
+        header.extend_from_slice(b"k-new");
+        header.extend_from_slice(&[1; 16]);
+        header.extend_from_slice(&crate::sample::SAMPLE_NOW.millis().to_be_bytes());
+        header.extend_from_slice(&count.to_be_bytes());
+        header.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        header.extend_from_slice(extra_header);
+        let mut out = MAGIC.to_vec();
+        out.push(VERSION);
+        out.push(flags);
+        out.extend_from_slice(&(header.len() as u16).to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(body);
+        let mut m = mac(&Secret::new(secret.to_vec()));
+        m.update(&out);
+        out.extend_from_slice(&m.finalize().into_bytes());
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -1,3 +1,4 @@
+use super::testing::raw_frame;
 use super::*;
 use crate::event::{Context, Kind, Level, Priority};
 use crate::sample::{SAMPLE_NOW, typical_batch};
@@ -186,30 +187,6 @@ fn a_count_that_disagrees_with_the_body_is_refused() {
         decode(&bytes, &ring(), &FrameLimits::default()),
         Err(FrameError::BadBody(_))
     ));
-}
-
-/// Builds a frame by hand, optionally with extra header bytes a newer v1
-/// writer might append.
-fn raw_frame(flags: u8, count: u32, body: &[u8], secret: &[u8], extra_header: &[u8]) -> Vec<u8> {
-    let mut header = vec![2];
-    header.extend_from_slice(b"e1");
-    header.push(5);
-    header.extend_from_slice(b"k-new");
-    header.extend_from_slice(&[1; 16]);
-    header.extend_from_slice(&SAMPLE_NOW.millis().to_be_bytes());
-    header.extend_from_slice(&count.to_be_bytes());
-    header.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    header.extend_from_slice(extra_header);
-    let mut out = MAGIC.to_vec();
-    out.push(VERSION);
-    out.push(flags);
-    out.extend_from_slice(&(header.len() as u16).to_be_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(body);
-    let mut m = mac(&Secret::new(secret.to_vec()));
-    m.update(&out);
-    out.extend_from_slice(&m.finalize().into_bytes());
-    out
 }
 
 #[test]
