@@ -1,6 +1,6 @@
-//! `outpost`: the command line. Today it exposes the shared rules (signing
-//! requests, validating batches); the aggregator service (`serve`, `dev`,
-//! `migrate`, …) lands here next.
+//! `outpost`: the command line — the aggregator service (`serve`), its
+//! database migrations (`migrate`), and the shared rules (`validate`,
+//! `sign`) for scripts and debugging.
 
 use std::io::Read as _;
 
@@ -24,6 +24,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the aggregator.
+    Serve {
+        /// TOML config file; `OUTPOST_*` environment variables override it.
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Apply the PostgreSQL migrations and exit.
+    Migrate {
+        /// TOML config file (only `[postgres] url` is used).
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print the HMAC signature headers for a request (body from stdin or --body).
     Sign {
         /// Client id (`X-Outpost-Key`).
@@ -72,8 +84,29 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Serve { config } => {
+            let config = outpost_aggregator::config::Config::load(config.as_deref())?;
+            outpost_aggregator::telemetry::init_logging(&config.log);
+            runtime()?.block_on(outpost_aggregator::app::serve(config))?;
+        }
+        Command::Migrate { config } => {
+            let mut config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
+            config.postgres.migrate_on_start = true;
+            runtime()?.block_on(async {
+                outpost_aggregator::sinks::postgres::PostgresSink::connect(&config.postgres)
+                    .await?;
+                println!("migrations applied");
+                anyhow::Ok(())
+            })?;
+        }
         Command::Sign {
             key_id,
             secret,

@@ -118,6 +118,12 @@ error_codes! {
     /// The client IP is on the block list.
     IpBlocked = 40303, "ip_blocked", "requests from this address are blocked";
 
+    // 404xx and 405xx: no such endpoint.
+    /// No endpoint at this path.
+    NotFound = 40401, "not_found", "there is no endpoint at this path";
+    /// The endpoint exists but not for this method.
+    MethodNotAllowed = 40501, "method_not_allowed", "the endpoint does not take this method";
+
     // 413xx: something is larger than its bound.
     /// One event is larger than the per-event limit.
     EventTooLarge = 41301, "event_too_large", "the event is larger than the per-event limit";
@@ -290,7 +296,10 @@ mod tests {
         for code in ErrorCode::ALL {
             let status = code.http_status();
             assert!(
-                matches!(status, 400 | 401 | 403 | 413 | 415 | 429 | 500 | 503),
+                matches!(
+                    status,
+                    400 | 401 | 403 | 404 | 405 | 413 | 415 | 429 | 500 | 503
+                ),
                 "{code} maps to unexpected status {status}"
             );
             assert_eq!(code.code() / 100, u32::from(status));

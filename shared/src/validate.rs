@@ -400,6 +400,15 @@ pub fn validate_event(
         );
     }
 
+    // Stored as a signed 64-bit integer (SQL BIGINT).
+    if event.seq.is_some_and(|s| i64::try_from(s).is_err()) {
+        return err(
+            ErrorCode::InvalidField,
+            "seq",
+            "seq must be at most 9223372036854775807".into(),
+        );
+    }
+
     let ts = *event.timestamp.get_or_insert(received_at);
     let earliest = received_at
         .millis()

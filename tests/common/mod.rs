@@ -78,3 +78,6 @@ pub fn require_tool(name: &str) -> PathBuf {
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
+
+pub mod aggregator;
+pub mod stores;

@@ -73,6 +73,22 @@ fn any_key_of_the_ring_verifies_and_others_do_not() {
 }
 
 #[test]
+fn spooled_frames_decode_without_the_key_that_signed_them() {
+    let batch = typical_batch(3);
+    let bytes = encode(&meta(true), &batch, &key("k-retired", b"gone")).unwrap();
+    assert_eq!(
+        decode(&bytes, &ring(), &FrameLimits::default()),
+        Err(FrameError::BadSignature)
+    );
+    assert_eq!(
+        decode_verified(&bytes, &FrameLimits::default())
+            .unwrap()
+            .batch,
+        batch
+    );
+}
+
+#[test]
 fn every_flipped_byte_is_detected() {
     let bytes = encode(&meta(true), &typical_batch(3), &key("k-new", b"new-secret")).unwrap();
     for i in 0..bytes.len() {

@@ -1,0 +1,126 @@
+//! Wiring: builds the spool, dedup, sinks and router from a [`Config`],
+//! serves until SIGTERM/SIGINT, then shuts down in order — stop accepting,
+//! finish in-flight requests (their frames reach the spool), let the
+//! sink workers drain what is due, exit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::dedup::Dedup;
+use crate::delivery::{self, DeliveryContext};
+use crate::http::{AppState, router};
+use crate::sinks::postgres::PostgresSink;
+use crate::spool::Spool;
+use crate::telemetry::Metrics;
+
+/// Longest the sink workers may keep draining after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the aggregator until a shutdown signal.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+
+    let postgres = if config.postgres.enabled {
+        Some(
+            PostgresSink::connect(&config.postgres)
+                .await
+                .context("postgres")?,
+        )
+    } else {
+        None
+    };
+    let mut sinks = Vec::new();
+    if postgres.is_some() {
+        sinks.push("postgres");
+    }
+    let spool = Spool::open(
+        &config.spool.path,
+        config.spool.max_bytes,
+        config.spool.max_frames_per_commit,
+        sinks,
+        metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
+    let dedup = Arc::new(Dedup::connect(&config.dedup).await.context("dedup")?);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Arc::new(DeliveryContext {
+        spool: spool.clone(),
+        dedup: dedup.clone(),
+        config: config.delivery.clone(),
+        limits: config.limits.clone(),
+        frame_limits: config.server.frame,
+        metrics: metrics.clone(),
+    });
+    let mut workers = Vec::new();
+    if let Some(pg) = &postgres {
+        workers.push(tokio::spawn(delivery::run(
+            pg.clone(),
+            ctx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let state = Arc::new(AppState {
+        ring: config.key_ring(),
+        frame_limits: config.server.frame,
+        limits: config.limits.clone(),
+        spool,
+        metrics,
+        registry,
+        dedup,
+        postgres,
+        retry_after_secs: config.server.retry_after_secs,
+        request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+    });
+    let app = router(state);
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "outpost aggregator listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+
+    tracing::info!("no longer accepting; draining sink workers");
+    let _ = stop_tx.send(true);
+    let drain = async {
+        for w in workers {
+            let _ = w.await;
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("sink workers did not drain in time; the rest stays in the spool");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

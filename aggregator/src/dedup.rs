@@ -1,0 +1,333 @@
+//! Duplicate detection: one claim per event id per client, remembered for a
+//! window (default 24 h).
+//!
+//! A claim is `SET <prefix>{<client>}:<event id> <batch id> NX GET EX <window>`,
+//! pipelined for a whole batch in one round trip. The value is the batch id,
+//! so a batch delivered twice (a crash between a sink's write and its
+//! cursor update, or two sinks claiming for the same batch) sees its own
+//! claims and is not mistaken for a duplicate. The `{client}` hash tag keeps
+//! one batch's keys in one Redis Cluster slot.
+//!
+//! Redis unreachable or slow: the claim fails open (every event passes,
+//! `outpost_dedup_errors_total` counts it); the PostgreSQL unique key on
+//! (client, event id) still holds. Needs Redis ≥ 7.0 (`SET … NX GET`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use outpost_shared::frame::BatchId;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+
+use crate::config::{DedupBackend, DedupConfig};
+use crate::telemetry::Metrics;
+
+/// Longest a claim may take before it fails open.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The configured duplicate detector.
+pub enum Dedup {
+    /// Redis or Redis Cluster.
+    Redis(Box<RedisDedup>, DedupSettings),
+    /// This process only.
+    Memory(MemoryDedup, DedupSettings),
+    /// None.
+    Off,
+}
+
+/// Where Redis is.
+enum RedisTarget {
+    Single(redis::Client),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+#[derive(Clone)]
+enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A Redis connection made on first use, so that an aggregator starts (and
+/// fails open) while Redis is down, and connects once it is back.
+pub struct RedisDedup {
+    target: RedisTarget,
+    conn: tokio::sync::Mutex<(Option<RedisConn>, Option<Instant>)>,
+}
+
+/// How often to try connecting while Redis is down.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+impl RedisDedup {
+    async fn connection(&self) -> Result<RedisConn, String> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = &guard.0 {
+            return Ok(c.clone());
+        }
+        if guard.1.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
+            return Err("not connected".into());
+        }
+        guard.1 = Some(Instant::now());
+        let conn = tokio::time::timeout(CLAIM_TIMEOUT, async {
+            match &self.target {
+                RedisTarget::Single(client) => {
+                    // The manager reconnects by itself after this first connection.
+                    let cfg = redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(CLAIM_TIMEOUT))
+                        .set_response_timeout(Some(CLAIM_TIMEOUT));
+                    ConnectionManager::new_with_config(client.clone(), cfg)
+                        .await
+                        .map(RedisConn::Single)
+                }
+                RedisTarget::Cluster(client) => {
+                    client.get_async_connection().await.map(RedisConn::Cluster)
+                }
+            }
+        })
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+        guard.0 = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+/// What every backend needs besides its connection.
+#[derive(Debug, Clone)]
+pub struct DedupSettings {
+    key_prefix: String,
+    window_secs: u64,
+}
+
+/// In-process claims, bounded in number.
+#[derive(Debug)]
+pub struct MemoryDedup {
+    claims: Mutex<HashMap<String, ([u8; 16], i64)>>,
+    max_entries: usize,
+}
+
+impl Dedup {
+    /// Connects the configured backend.
+    pub async fn connect(config: &DedupConfig) -> anyhow::Result<Dedup> {
+        let settings = DedupSettings {
+            key_prefix: config.key_prefix.clone(),
+            window_secs: config.window_secs,
+        };
+        Ok(match config.backend {
+            DedupBackend::Off => Dedup::Off,
+            DedupBackend::Memory => Dedup::Memory(
+                MemoryDedup {
+                    claims: Mutex::new(HashMap::new()),
+                    max_entries: config.memory_max_entries,
+                },
+                settings,
+            ),
+            DedupBackend::Redis => {
+                let target = if config.redis_urls.len() > 1 {
+                    let client = redis::cluster::ClusterClient::new(config.redis_urls.clone())?;
+                    RedisTarget::Cluster(Box::new(client))
+                } else {
+                    let url = config
+                        .redis_urls
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or_default();
+                    RedisTarget::Single(redis::Client::open(url)?)
+                };
+                let dedup = RedisDedup {
+                    target,
+                    conn: tokio::sync::Mutex::new((None, None)),
+                };
+                if let Err(e) = dedup.connection().await {
+                    tracing::warn!(error = %e, "redis unreachable at start-up: dedup fails open until it is back");
+                }
+                Dedup::Redis(Box::new(dedup), settings)
+            }
+        })
+    }
+
+    /// Claims every event id for `batch`; `true` where the event should be
+    /// delivered (new, or already claimed by this same batch).
+    pub async fn claim(
+        &self,
+        client_id: &str,
+        event_ids: &[&str],
+        batch: &BatchId,
+        now_ms: i64,
+        metrics: &Metrics,
+    ) -> Vec<bool> {
+        let result = match self {
+            Dedup::Off => return vec![true; event_ids.len()],
+            Dedup::Memory(m, s) => Ok(m.claim(s, client_id, event_ids, batch, now_ms)),
+            Dedup::Redis(r, s) => match r.connection().await {
+                Ok(RedisConn::Single(mut c)) => {
+                    redis_claim(&mut c, s, client_id, event_ids, batch).await
+                }
+                Ok(RedisConn::Cluster(mut c)) => {
+                    redis_claim(&mut c, s, client_id, event_ids, batch).await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(keep) => {
+                metrics
+                    .dedup_duplicates
+                    .inc_by(keep.iter().filter(|k| !**k).count() as u64);
+                keep
+            }
+            Err(e) => {
+                metrics.dedup_errors.inc();
+                tracing::warn!(error = %e, client_id, events = event_ids.len(), "dedup unavailable: failing open");
+                vec![true; event_ids.len()]
+            }
+        }
+    }
+
+    /// For readiness: `None` when there is nothing to check.
+    pub async fn ping(&self) -> Option<bool> {
+        let Dedup::Redis(r, _) = self else {
+            return None;
+        };
+        let ping = |r: redis::RedisResult<String>| r.is_ok();
+        Some(match r.connection().await {
+            Ok(RedisConn::Single(mut c)) => ping(redis::cmd("PING").query_async(&mut c).await),
+            Ok(RedisConn::Cluster(mut c)) => ping(redis::cmd("PING").query_async(&mut c).await),
+            Err(_) => false,
+        })
+    }
+}
+
+fn claim_key(s: &DedupSettings, client_id: &str, event_id: &str) -> String {
+    format!("{}{{{client_id}}}:{event_id}", s.key_prefix)
+}
+
+async fn redis_claim<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    s: &DedupSettings,
+    client_id: &str,
+    event_ids: &[&str],
+    batch: &BatchId,
+) -> Result<Vec<bool>, String> {
+    if event_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mine = batch.to_string();
+    let mut pipe = redis::pipe();
+    for id in event_ids {
+        pipe.cmd("SET")
+            .arg(claim_key(s, client_id, id))
+            .arg(&mine)
+            .arg("NX")
+            .arg("GET")
+            .arg("EX")
+            .arg(s.window_secs);
+    }
+    let previous: Vec<Option<String>> = tokio::time::timeout(CLAIM_TIMEOUT, pipe.query_async(conn))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(previous
+        .into_iter()
+        .map(|p| p.is_none_or(|v| v == mine))
+        .collect())
+}
+
+impl MemoryDedup {
+    fn claim(
+        &self,
+        s: &DedupSettings,
+        client_id: &str,
+        event_ids: &[&str],
+        batch: &BatchId,
+        now_ms: i64,
+    ) -> Vec<bool> {
+        let expires = now_ms
+            .saturating_add(i64::try_from(s.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX));
+        let mut claims = self
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if claims.len() + event_ids.len() > self.max_entries {
+            claims.retain(|_, (_, exp)| *exp > now_ms);
+        }
+        event_ids
+            .iter()
+            .map(|id| {
+                let key = claim_key(s, client_id, id);
+                match claims.get(&key) {
+                    Some((owner, exp)) if *exp > now_ms => owner == &batch.0,
+                    _ => {
+                        // Full even after expiry: remember nothing more
+                        // (fail open) rather than grow without bound.
+                        if claims.len() < self.max_entries {
+                            claims.insert(key, (batch.0, expires));
+                        }
+                        true
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(max: usize) -> (MemoryDedup, DedupSettings) {
+        (
+            MemoryDedup {
+                claims: Mutex::new(HashMap::new()),
+                max_entries: max,
+            },
+            DedupSettings {
+                key_prefix: "t:".into(),
+                window_secs: 10,
+            },
+        )
+    }
+
+    #[test]
+    fn a_second_batch_with_the_same_event_id_is_a_duplicate_but_a_replay_is_not() {
+        let (m, s) = memory(100);
+        let (b1, b2) = (BatchId([1; 16]), BatchId([2; 16]));
+        assert_eq!(m.claim(&s, "c", &["e1", "e2"], &b1, 0), [true, true]);
+        assert_eq!(
+            m.claim(&s, "c", &["e1", "e2"], &b1, 1),
+            [true, true],
+            "replay of the same batch"
+        );
+        assert_eq!(m.claim(&s, "c", &["e2", "e3"], &b2, 2), [false, true]);
+        assert_eq!(
+            m.claim(&s, "other", &["e2"], &b2, 3),
+            [true],
+            "ids are per client"
+        );
+        assert_eq!(
+            m.claim(&s, "c", &["e2"], &b2, 10_001),
+            [true],
+            "after the window"
+        );
+    }
+
+    #[test]
+    fn a_full_memory_dedup_fails_open_instead_of_growing() {
+        let (m, s) = memory(2);
+        let b = BatchId([1; 16]);
+        assert_eq!(
+            m.claim(&s, "c", &["a", "b", "c"], &b, 0),
+            [true, true, true]
+        );
+        assert_eq!(m.claims.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn keys_keep_one_client_in_one_cluster_slot() {
+        let s = DedupSettings {
+            key_prefix: "outpost:dedup:".into(),
+            window_secs: 1,
+        };
+        assert_eq!(claim_key(&s, "acme", "e1"), "outpost:dedup:{acme}:e1");
+    }
+}

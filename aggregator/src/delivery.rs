@@ -1,0 +1,262 @@
+//! Delivery: one worker per sink takes due batches from the spool, decodes
+//! them, re-applies validation, claims their event ids with dedup, writes
+//! the rows, and advances that sink's cursor.
+//!
+//! A sink that is unavailable is retried with exponential backoff and full
+//! jitter, without blaming any batch (nothing is dead-lettered because a
+//! database was down). Rows a sink refuses for their content, and frames
+//! that no longer decode, go to the spool's dead letters with the reason.
+
+use std::time::Duration;
+
+use outpost_shared::frame::{self, Frame, FrameLimits};
+use outpost_shared::validate::{Limits, validate_event};
+use tokio::sync::watch;
+
+use crate::config::DeliveryConfig;
+use crate::dedup::Dedup;
+use crate::sinks::{Row, Sink};
+use crate::spool::{DeadLetter, Pending, Spool};
+use crate::telemetry::{Metrics, SinkLabel};
+
+/// What every worker shares.
+pub struct DeliveryContext {
+    /// The spool.
+    pub spool: Spool,
+    /// Duplicate detection.
+    pub dedup: std::sync::Arc<Dedup>,
+    /// Retry settings.
+    pub config: DeliveryConfig,
+    /// Validation limits (the same as at ingest).
+    pub limits: Limits,
+    /// Frame bounds (the same as at ingest).
+    pub frame_limits: FrameLimits,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    initial_ms: u64,
+    max_ms: u64,
+    failures: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let exp = self
+            .initial_ms
+            .saturating_mul(1u64 << self.failures.min(20));
+        self.failures = self.failures.saturating_add(1);
+        let cap = exp.min(self.max_ms).max(1);
+        Duration::from_millis(fastrand::u64(cap / 2..=cap))
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs one sink's worker until `stop` turns true and nothing is due.
+pub async fn run<S: Sink>(
+    sink: S,
+    ctx: std::sync::Arc<DeliveryContext>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = sink.name();
+    let label = SinkLabel { sink: name };
+    let mut backoff = Backoff {
+        initial_ms: ctx.config.backoff_initial_ms,
+        max_ms: ctx.config.backoff_max_ms,
+        failures: 0,
+    };
+    loop {
+        let stopping = *stop.borrow();
+        let due = match ctx.spool.due(name, ctx.config.max_batches_per_write).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(sink = name, error = %e, "reading the spool failed");
+                Vec::new()
+            }
+        };
+        if let Ok(oldest) = ctx.spool.oldest_pending_ms(name).await {
+            let lag = oldest.map_or(0, |t| (now_ms() - t).max(0) / 1000);
+            ctx.metrics.sink_lag_seconds.get_or_create(&label).set(lag);
+        }
+        if due.is_empty() {
+            if stopping {
+                return;
+            }
+            tokio::select! {
+                _ = ctx.spool.wait_for_work(Duration::from_millis(500)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        match deliver(&sink, &ctx, &due).await {
+            Ok(()) => backoff.failures = 0,
+            Err(e) => {
+                ctx.metrics.sink_failures.get_or_create(&label).inc();
+                let delay = backoff.next_delay();
+                tracing::warn!(sink = name, error = %e, retry_in_ms = delay.as_millis() as u64, batches = due.len(), "sink unavailable");
+                if stopping {
+                    // Shutting down: what is left stays in the spool for the next start.
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+struct Decoded {
+    seq: i64,
+    frame: Frame,
+    keep: Vec<bool>,
+}
+
+async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> Result<(), String> {
+    let name = sink.name();
+    let now = now_ms();
+    let mut decoded = Vec::with_capacity(due.len());
+    let mut done = Vec::with_capacity(due.len());
+    for p in due {
+        match frame::decode_verified(&p.frame, &ctx.frame_limits) {
+            Ok(mut frame) => {
+                let received_at = frame.batch.facts.received_at;
+                let mut keep: Vec<bool> = frame
+                    .batch
+                    .events
+                    .iter_mut()
+                    .map(|e| validate_event(e, &ctx.limits, received_at).is_ok())
+                    .collect();
+                let ids: Vec<&str> = frame
+                    .batch
+                    .events
+                    .iter()
+                    .map(|e| e.event_id.as_str())
+                    .collect();
+                let fresh = ctx
+                    .dedup
+                    .claim(
+                        &frame.batch.client_id,
+                        &ids,
+                        &frame.header.batch_id,
+                        now,
+                        &ctx.metrics,
+                    )
+                    .await;
+                for (k, f) in keep.iter_mut().zip(fresh) {
+                    *k &= f;
+                }
+                decoded.push(Decoded {
+                    seq: p.seq,
+                    frame,
+                    keep,
+                });
+            }
+            Err(e) => {
+                // It decoded when it was accepted; failing now means the
+                // spool file was damaged. Keep the bytes for an operator.
+                tracing::error!(sink = name, seq = p.seq, error = %e, "spooled frame no longer decodes; dead-lettered");
+                let error = format!("frame does not decode: {e}");
+                let letter = DeadLetter {
+                    sink: name,
+                    batch_id: &[0; 16],
+                    client_id: "",
+                    event_id: None,
+                    error: &error,
+                    payload: &p.frame,
+                    at_ms: now,
+                };
+                ctx.spool
+                    .dead_letter(&letter)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ctx.metrics
+                    .sink_dead_letters
+                    .get_or_create(&SinkLabel { sink: name })
+                    .inc();
+                done.push(p.seq);
+            }
+        }
+    }
+
+    let rows: Vec<Row<'_>> = decoded
+        .iter()
+        .flat_map(|d| {
+            let b = &d.frame.batch;
+            b.events
+                .iter()
+                .zip(&d.keep)
+                .filter(|(_, k)| **k)
+                .map(move |(event, _)| Row {
+                    client_id: &b.client_id,
+                    batch_id: &d.frame.header.batch_id,
+                    edge_id: &d.frame.header.edge_id,
+                    facts: &b.facts,
+                    event,
+                })
+        })
+        .collect();
+    let report = sink.write(&rows).await.map_err(|e| e.0)?;
+    for (i, reason) in &report.rejected {
+        let row = &rows[*i];
+        let payload = serde_json::to_vec(row.event).unwrap_or_default();
+        let letter = DeadLetter {
+            sink: name,
+            batch_id: &row.batch_id.0,
+            client_id: row.client_id,
+            event_id: Some(&row.event.event_id),
+            error: reason,
+            payload: &payload,
+            at_ms: now,
+        };
+        ctx.spool
+            .dead_letter(&letter)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(sink = name, client_id = row.client_id, event_id = %row.event.event_id, reason = %reason, "row dead-lettered");
+    }
+    let label = SinkLabel { sink: name };
+    ctx.metrics
+        .sink_delivered_events
+        .get_or_create(&label)
+        .inc_by((rows.len() - report.rejected.len()) as u64);
+    ctx.metrics
+        .sink_dead_letters
+        .get_or_create(&label)
+        .inc_by(report.rejected.len() as u64);
+    done.extend(decoded.iter().map(|d| d.seq));
+    ctx.spool
+        .delivered(name, &done)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff {
+            initial_ms: 100,
+            max_ms: 1000,
+            failures: 0,
+        };
+        let delays: Vec<u64> = (0..8).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert!((50..=100).contains(&delays[0]), "{delays:?}");
+        assert!((100..=200).contains(&delays[1]), "{delays:?}");
+        assert!(
+            delays[6..].iter().all(|d| (500..=1000).contains(d)),
+            "{delays:?}"
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! The aggregator's HTTP surface: `POST /v1/ingest`, health and metrics.
+//! Every error answer is the shared envelope with a stable code, and every
+//! answer carries `X-Request-Id`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use outpost_shared::error::AcceptedResponse;
+use outpost_shared::frame::{self, FrameLimits, KeyRing};
+use outpost_shared::validate::{Limits, validate_event};
+use outpost_shared::{ErrorCode, ErrorEnvelope, FieldError};
+use prometheus_client::registry::Registry;
+
+use crate::dedup::Dedup;
+use crate::delivery::now_ms;
+use crate::sinks::Sink as _;
+use crate::sinks::postgres::PostgresSink;
+use crate::spool::{Spool, SpoolEntry, SpoolError};
+use crate::telemetry::{CodeLabel, Metrics};
+
+/// Media type of an edge frame.
+pub const FRAME_CONTENT_TYPE: &str = "application/vnd.outpost.frame";
+/// The request id header.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What the handlers share.
+pub struct AppState {
+    /// Accepted edge keys.
+    pub ring: KeyRing,
+    /// Frame bounds.
+    pub frame_limits: FrameLimits,
+    /// Event validation limits.
+    pub limits: Limits,
+    /// The spool.
+    pub spool: Spool,
+    /// Metrics handles.
+    pub metrics: Metrics,
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Dedup (for readiness).
+    pub dedup: Arc<Dedup>,
+    /// The PostgreSQL sink, when enabled (for readiness).
+    pub postgres: Option<PostgresSink>,
+    /// `Retry-After` on `503`.
+    pub retry_after_secs: u32,
+    /// Longest an ingest request may take (a stuck disk must not hang clients).
+    pub request_timeout: std::time::Duration,
+}
+
+/// The router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/ingest", post(ingest))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// A request id: the caller's when it is sane, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:012x}{:016x}", now_ms(), fastrand::u64(..)))
+}
+
+fn with_request_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// An error answer in the shared envelope.
+pub fn error_response(
+    code: ErrorCode,
+    message: Option<String>,
+    request_id: &str,
+    retry_after: Option<u32>,
+) -> Response {
+    let mut env = ErrorEnvelope::new(code, request_id);
+    if let Some(m) = message {
+        env = env.with_message(m);
+    }
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, axum::Json(env)).into_response();
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    with_request_id(resp, request_id)
+}
+
+async fn ingest(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let id = request_id(req.headers());
+    let resp = match tokio::time::timeout(app.request_timeout, ingest_inner(&app, req, &id)).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            ErrorCode::Overloaded,
+            Some("the request timed out; nothing was acknowledged".into()),
+        )),
+    };
+    app.metrics
+        .ingest_duration
+        .observe(started.elapsed().as_secs_f64());
+    match resp {
+        Ok(r) => r,
+        Err((code, message)) => {
+            app.metrics
+                .ingest_errors
+                .get_or_create(&CodeLabel { code: code.code() })
+                .inc();
+            let retry = code.is_retryable().then_some(app.retry_after_secs);
+            if code.http_status() >= 500 {
+                tracing::warn!(request_id = %id, code = code.code(), message = message.as_deref().unwrap_or(""), "ingest failed");
+            }
+            error_response(code, message, &id, retry)
+        }
+    }
+}
+
+type IngestError = (ErrorCode, Option<String>);
+
+async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response, IngestError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case(FRAME_CONTENT_TYPE)
+            && !essence.eq_ignore_ascii_case("application/octet-stream")
+        {
+            return Err((
+                ErrorCode::UnsupportedMediaType,
+                Some(format!("send frames as {FRAME_CONTENT_TYPE}")),
+            ));
+        }
+    }
+    if req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity")
+    {
+        return Err((
+            ErrorCode::UnsupportedContentEncoding,
+            Some("frames carry their own compression".into()),
+        ));
+    }
+    let limit = app.frame_limits.max_frame_bytes;
+    // Read at most one byte past the bound: an oversized body is refused
+    // while reading, never buffered whole.
+    let bytes = axum::body::to_bytes(req.into_body(), limit + 1)
+        .await
+        .map_err(|_| {
+            (
+                ErrorCode::FrameTooLarge,
+                Some(format!("frames are at most {limit} bytes")),
+            )
+        })?;
+    if bytes.len() > limit {
+        return Err((
+            ErrorCode::FrameTooLarge,
+            Some(format!("frames are at most {limit} bytes")),
+        ));
+    }
+    let mut decoded = frame::decode(&bytes, &app.ring, &app.frame_limits)
+        .map_err(|e| (e.code(), Some(e.to_string())))?;
+
+    let received_at = decoded.batch.facts.received_at;
+    let mut rejected: Vec<FieldError> = Vec::new();
+    let mut accepted = 0usize;
+    let mut high = false;
+    for (index, event) in decoded.batch.events.iter_mut().enumerate() {
+        match validate_event(event, &app.limits, received_at) {
+            Ok(()) => {
+                accepted += 1;
+                high |= event.priority == outpost_shared::event::Priority::High;
+            }
+            Err(mut e) => {
+                e.index = Some(index);
+                e.event_id = Some(event.event_id.clone());
+                rejected.push(e);
+            }
+        }
+    }
+    if accepted > 0 {
+        let entry = SpoolEntry {
+            batch_id: decoded.header.batch_id.0,
+            client_id: decoded.batch.client_id.clone(),
+            priority: i64::from(high),
+            event_count: i64::from(decoded.header.event_count),
+            frame: bytes.to_vec(),
+            received_at_ms: now_ms(),
+        };
+        app.spool.append(entry).await.map_err(|e| match e {
+            SpoolError::Full => (
+                ErrorCode::Overloaded,
+                Some("the spool is full; retry later".into()),
+            ),
+            SpoolError::Storage(m) => (
+                ErrorCode::DependencyUnavailable,
+                Some(format!("spool: {m}")),
+            ),
+        })?;
+    }
+    app.metrics.ingest_frames.inc();
+    app.metrics.ingest_events.inc_by(accepted as u64);
+    app.metrics
+        .ingest_rejected_events
+        .inc_by(rejected.len() as u64);
+    tracing::debug!(request_id = %id, batch_id = %decoded.header.batch_id, client_id = %decoded.batch.client_id, accepted, rejected = rejected.len(), "frame spooled");
+    let body = AcceptedResponse {
+        success: true,
+        accepted,
+        rejected: rejected.len(),
+        errors: rejected,
+        request_id: id.to_owned(),
+    };
+    Ok(with_request_id(
+        (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
+        id,
+    ))
+}
+
+async fn live() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    // Ingest needs only the spool: a sink or Redis being down delays
+    // delivery (or fails dedup open) but acknowledged data is safe, so the
+    // instance stays ready and reports itself "degraded".
+    let mut checks = serde_json::Map::new();
+    let spool = app.spool.ping().await;
+    checks.insert("spool".into(), status(spool));
+    let mut degraded = false;
+    if let Some(pg) = &app.postgres {
+        let up = pg.ping().await;
+        degraded |= !up;
+        checks.insert("postgres".into(), status(up));
+    }
+    if let Some(up) = app.dedup.ping().await {
+        degraded |= !up;
+        checks.insert("redis".into(), status(up));
+    }
+    let (code, word) = match (spool, degraded) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, true) => (StatusCode::OK, "degraded"),
+        (true, false) => (StatusCode::OK, "ok"),
+    };
+    (
+        code,
+        axum::Json(serde_json::json!({"status": word, "checks": checks})),
+    )
+        .into_response()
+}
+
+fn status(up: bool) -> serde_json::Value {
+    serde_json::Value::from(if up { "ok" } else { "down" })
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let mut resp = Response::new(Body::from(out));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+async fn not_found(headers: HeaderMap) -> Response {
+    let id = request_id(&headers);
+    error_response(ErrorCode::NotFound, None, &id, None)
+}
+
+async fn method_not_allowed(headers: HeaderMap) -> Response {
+    let id = request_id(&headers);
+    error_response(ErrorCode::MethodNotAllowed, None, &id, None)
+}

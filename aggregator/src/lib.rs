@@ -1,0 +1,14 @@
+//! The Outpost aggregator: verified frames in, durable spool, dedup, sinks.
+//!
+//! Data flows one way: `http` (verify, decode, validate) → `spool` (ack
+//! after fsync) → `delivery` (one worker per sink: decode, dedup, write) →
+//! `sinks`. `app` wires them from `config`; `telemetry` names every metric.
+
+pub mod app;
+pub mod config;
+pub mod dedup;
+pub mod delivery;
+pub mod http;
+pub mod sinks;
+pub mod spool;
+pub mod telemetry;

@@ -1,0 +1,54 @@
+//! Sinks: where delivered events end up. Each sink implements [`Sink`] and
+//! gets its own delivery worker and spool cursor (see `delivery.rs`), so a
+//! slow or dead sink never blocks another.
+
+pub mod postgres;
+
+use std::future::Future;
+
+use outpost_shared::event::{EdgeFacts, Event};
+use outpost_shared::frame::BatchId;
+
+/// One event ready to write, with what the frame said about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    /// The client the event belongs to.
+    pub client_id: &'a str,
+    /// The batch that carried it.
+    pub batch_id: &'a BatchId,
+    /// The edge that forwarded it.
+    pub edge_id: &'a str,
+    /// The edge's facts about the request.
+    pub facts: &'a EdgeFacts,
+    /// The event (validated).
+    pub event: &'a Event,
+}
+
+/// What a write did.
+#[derive(Debug, Default)]
+pub struct WriteReport {
+    /// Rows the sink now has (including ones it already had).
+    pub written: usize,
+    /// Rows the sink refused for their content, by index, with the reason:
+    /// retrying cannot help, so they go to dead letters.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// A failure of the sink itself (down, overloaded, misconfigured): the whole
+/// write is retried later with backoff, and no row is blamed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkUnavailable(pub String);
+
+/// A destination for events.
+pub trait Sink: Send + Sync + 'static {
+    /// Stable name: spool cursor, metrics label, logs.
+    fn name(&self) -> &'static str;
+    /// Writes rows idempotently (a row written twice is stored once).
+    fn write(
+        &self,
+        rows: &[Row<'_>],
+    ) -> impl Future<Output = Result<WriteReport, SinkUnavailable>> + Send;
+    /// For readiness.
+    fn ping(&self) -> impl Future<Output = bool> + Send;
+}

@@ -1,0 +1,218 @@
+//! The PostgreSQL sink: one `INSERT … SELECT FROM UNNEST(…)` per write (one
+//! round trip, every value a bound parameter), `ON CONFLICT DO NOTHING` on
+//! (client, event id) so replays and duplicates are stored once.
+//!
+//! When PostgreSQL refuses the statement for its data (SQLSTATE classes 22
+//! and 23), the rows are written one by one so that only the offending rows
+//! are dead-lettered; any other error means the database is unavailable
+//! and the whole write is retried later.
+
+use std::net::IpAddr;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use super::{Row, Sink, SinkUnavailable, WriteReport};
+use crate::config::PostgresConfig;
+
+/// Embedded migrations (`migrations/postgres`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// The sink.
+#[derive(Clone)]
+pub struct PostgresSink {
+    pool: PgPool,
+}
+
+const INSERT: &str = r#"
+INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, message, level,
+                    user_id, anonymous_id, session_id, properties, context, app_version, platform,
+                    trace_id, span_id, seq, priority, client_ip, user_agent, pop, country)
+SELECT c, e, b::uuid, ed, to_timestamp(t / 1000.0), to_timestamp(r / 1000.0), k, n, m, l,
+       u, a, s, p::jsonb, cx::jsonb, av, pl, tr, sp, sq, pr, ip::inet, ua, pop, co
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::text[], $8::text[],
+            $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+            $16::text[], $17::text[], $18::text[], $19::text[], $20::int8[], $21::text[], $22::text[],
+            $23::text[], $24::text[], $25::text[])
+     AS x(c, e, b, ed, t, r, k, n, m, l, u, a, s, p, cx, av, pl, tr, sp, sq, pr, ip, ua, pop, co)
+ON CONFLICT (client_id, event_id) DO NOTHING
+"#;
+
+impl PostgresSink {
+    /// Connects lazily (start-up does not wait for the database) and, if
+    /// configured, runs the migrations.
+    pub async fn connect(config: &PostgresConfig) -> anyhow::Result<PostgresSink> {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy(&config.url)?;
+        let sink = PostgresSink { pool };
+        if config.migrate_on_start {
+            MIGRATOR.run(&sink.pool).await?;
+        }
+        Ok(sink)
+    }
+
+    /// The pool (for the query API and tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn insert(&self, rows: &[Row<'_>]) -> Result<(), sqlx::Error> {
+        let mut cols = Columns::default();
+        for r in rows {
+            cols.push(r);
+        }
+        cols.bind(sqlx::query(INSERT)).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// Whether an error is about the data (retrying the same rows cannot help).
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkUnavailable> {
+        if rows.is_empty() {
+            return Ok(WriteReport::default());
+        }
+        match self.insert(rows).await {
+            Ok(()) => {
+                return Ok(WriteReport {
+                    written: rows.len(),
+                    rejected: Vec::new(),
+                });
+            }
+            Err(e) if !is_data_error(&e) => return Err(SinkUnavailable(e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %e, rows = rows.len(), "postgres refused a batch; writing row by row")
+            }
+        }
+        let mut report = WriteReport::default();
+        for (i, row) in rows.iter().enumerate() {
+            match self.insert(std::slice::from_ref(row)).await {
+                Ok(()) => report.written += 1,
+                Err(e) if is_data_error(&e) => report.rejected.push((i, e.to_string())),
+                Err(e) => return Err(SinkUnavailable(e.to_string())),
+            }
+        }
+        Ok(report)
+    }
+
+    async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+/// Column arrays for UNNEST.
+#[derive(Default)]
+struct Columns {
+    client_id: Vec<String>,
+    event_id: Vec<String>,
+    batch_id: Vec<String>,
+    edge_id: Vec<String>,
+    ts: Vec<i64>,
+    received_at: Vec<i64>,
+    kind: Vec<&'static str>,
+    name: Vec<Option<String>>,
+    message: Vec<Option<String>>,
+    level: Vec<Option<&'static str>>,
+    user_id: Vec<Option<String>>,
+    anonymous_id: Vec<Option<String>>,
+    session_id: Vec<Option<String>>,
+    properties: Vec<String>,
+    context: Vec<String>,
+    app_version: Vec<Option<String>>,
+    platform: Vec<Option<String>>,
+    trace_id: Vec<Option<String>>,
+    span_id: Vec<Option<String>>,
+    seq: Vec<Option<i64>>,
+    priority: Vec<&'static str>,
+    client_ip: Vec<Option<String>>,
+    user_agent: Vec<Option<String>>,
+    pop: Vec<Option<String>>,
+    country: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn push(&mut self, r: &Row<'_>) {
+        let e = r.event;
+        self.client_id.push(r.client_id.to_owned());
+        self.event_id.push(e.event_id.clone());
+        self.batch_id.push(r.batch_id.to_string());
+        self.edge_id.push(r.edge_id.to_owned());
+        self.ts
+            .push(e.timestamp.unwrap_or(r.facts.received_at).millis());
+        self.received_at.push(r.facts.received_at.millis());
+        self.kind.push(e.kind.as_str());
+        self.name.push(e.name.clone());
+        self.message.push(e.message.clone());
+        self.level.push(e.level.map(|l| l.as_str()));
+        self.user_id.push(e.user_id.clone());
+        self.anonymous_id.push(e.anonymous_id.clone());
+        self.session_id.push(e.session_id.clone());
+        self.properties
+            .push(serde_json::Value::Object(e.properties.clone()).to_string());
+        self.context
+            .push(serde_json::to_string(&e.context).unwrap_or_else(|_| "{}".into()));
+        self.app_version.push(e.context.app_version.clone());
+        self.platform.push(e.context.platform.clone());
+        self.trace_id.push(e.trace_id.clone());
+        self.span_id.push(e.span_id.clone());
+        self.seq.push(e.seq.and_then(|s| i64::try_from(s).ok()));
+        self.priority.push(e.priority.as_str());
+        // An address the edge got wrong is dropped, not allowed to fail the row.
+        self.client_ip.push(
+            r.facts
+                .client_ip
+                .as_deref()
+                .filter(|ip| ip.parse::<IpAddr>().is_ok())
+                .map(str::to_owned),
+        );
+        self.user_agent.push(r.facts.user_agent.clone());
+        self.pop.push(r.facts.pop.clone());
+        self.country.push(r.facts.country_hint.clone());
+    }
+
+    fn bind<'q>(
+        self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(self.client_id)
+            .bind(self.event_id)
+            .bind(self.batch_id)
+            .bind(self.edge_id)
+            .bind(self.ts)
+            .bind(self.received_at)
+            .bind(self.kind)
+            .bind(self.name)
+            .bind(self.message)
+            .bind(self.level)
+            .bind(self.user_id)
+            .bind(self.anonymous_id)
+            .bind(self.session_id)
+            .bind(self.properties)
+            .bind(self.context)
+            .bind(self.app_version)
+            .bind(self.platform)
+            .bind(self.trace_id)
+            .bind(self.span_id)
+            .bind(self.seq)
+            .bind(self.priority)
+            .bind(self.client_ip)
+            .bind(self.user_agent)
+            .bind(self.pop)
+            .bind(self.country)
+    }
+}

@@ -1,0 +1,271 @@
+//! What the aggregator promises when things go wrong: clear codes for bad
+//! frames, load shedding when the spool is full, and nothing acknowledged
+//! lost to `kill -9` or a shutdown.
+
+use std::collections::HashSet;
+
+use outpost_shared::client::Secret;
+use outpost_shared::frame::{self, EdgeKey, FrameMeta};
+use outpost_tests::aggregator::{
+    Aggregator, batch_id, events, eventually, frame_for, free_port, now,
+};
+use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use serde_json::Value;
+
+fn config(db_url: &str, redis: &TestRedis) -> String {
+    format!(
+        "[postgres]\nurl = \"{db_url}\"\n\n[dedup]\nbackend = \"redis\"\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n",
+        redis_url(),
+        redis.prefix
+    )
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, u64, bool) {
+    let status = resp.status().as_u16();
+    let has_id = resp.headers().contains_key("x-request-id");
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["success"], false, "{body}");
+    assert!(body["request_id"].is_string(), "{body}");
+    (status, body["code"].as_u64().unwrap_or(0), has_id)
+}
+
+#[tokio::test]
+async fn bad_frames_get_their_documented_codes() {
+    // No database needed: nothing here is accepted.
+    let agg = Aggregator::start("[postgres]\nenabled = false\n\n[dedup]\nbackend = \"off\"\n\n[server.frame]\nmax_frame_bytes = 1024\n").await;
+    let good = frame_for("acme-web", events(1, 0..2), batch_id());
+
+    let wrong_key = {
+        let mut b = outpost_shared::sample::typical_batch(2);
+        b.facts.received_at = now();
+        let key = EdgeKey {
+            id: "test-edge".into(),
+            secret: Secret::new(b"not-the-secret".to_vec()),
+        };
+        frame::encode(
+            &FrameMeta {
+                edge_id: "x",
+                batch_id: batch_id(),
+                created_at: now(),
+                compress: false,
+            },
+            &b,
+            &key,
+        )
+        .unwrap()
+    };
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 1;
+    let mut v9 = good.clone();
+    v9[4] = 9;
+    let big = frame_for("acme-web", events(2, 0..100), batch_id());
+    assert!(
+        big.len() > 1024,
+        "the oversized frame must exceed the bound ({})",
+        big.len()
+    );
+
+    let cases: Vec<(&str, Vec<u8>, u16, u64)> = vec![
+        ("wrong edge key", wrong_key, 401, 40112),
+        ("tampered byte", flipped, 401, 40112),
+        ("truncated", good[..good.len() - 40].to_vec(), 400, 40020),
+        ("garbage", b"hello, aggregator".to_vec(), 400, 40020),
+        ("empty", Vec::new(), 400, 40020),
+        ("unsupported version", v9, 400, 40021),
+        ("oversized", big, 413, 41304),
+    ];
+    for (what, body, status, code) in cases {
+        let got = error_of(agg.ingest(body).await).await;
+        assert_eq!(got, (status, code, true), "{what}");
+    }
+
+    let client = reqwest::Client::new();
+    let json = client
+        .post(format!("{}/v1/ingest", agg.url))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(json).await, (415, 41501, true));
+    let nowhere = client
+        .get(format!("{}/v2/nothing", agg.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(nowhere).await, (404, 40401, true));
+    let wrong_method = client
+        .get(format!("{}/v1/ingest", agg.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(wrong_method).await, (405, 40501, true));
+    // A caller's request id is echoed back.
+    let echoed = client
+        .post(format!("{}/v1/ingest", agg.url))
+        .header("x-request-id", "trace-123")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echoed.headers()["x-request-id"], "trace-123");
+    // Every refused ingest is counted by code (404 and 405 are not ingest).
+    assert_eq!(agg.metric("outpost_ingest_errors_total").await, 9.0);
+}
+
+#[tokio::test]
+async fn a_full_spool_sheds_load_with_503_and_retry_after() {
+    let redis = TestRedis::new();
+    // PostgreSQL that does not answer: nothing drains, so the spool fills.
+    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
+    let first = frame_for("acme-web", events(3, 0..20), batch_id());
+    let bound = first.len() + first.len() / 2;
+    let agg = Aggregator::start_with_env(
+        &config(&dead_pg, &redis).replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n"),
+        &[("OUTPOST_SPOOL_MAX_BYTES", &bound.to_string())],
+    )
+    .await;
+    assert_eq!(agg.ingest(first).await.status(), 202);
+    let resp = agg
+        .ingest(frame_for("acme-web", events(3, 20..40), batch_id()))
+        .await;
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .as_deref(),
+        Some("5")
+    );
+    assert_eq!(error_of(resp).await, (503, 50302, true));
+    let ready: Value = reqwest::get(format!("{}/health/ready", agg.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["postgres"], "down");
+    assert_eq!(
+        ready["status"], "degraded",
+        "ingest still works while the sink is down"
+    );
+}
+
+#[tokio::test]
+async fn postgres_unreachable_at_first_then_back_delivers_everything_spooled() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    // Start against a port where nothing listens, spool some batches, then
+    // restart against the real database: the spool survives and drains.
+    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
+    let mut agg = Aggregator::start(
+        &config(&dead_pg, &redis).replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n"),
+    )
+    .await;
+    for tag in 0..5 {
+        assert_eq!(
+            agg.ingest(frame_for("acme-web", events(20 + tag, 0..10), batch_id()))
+                .await
+                .status(),
+            202
+        );
+    }
+    eventually(10, "sink failures counted", || async {
+        agg.metric("outpost_sink_failures_total").await >= 1.0
+    })
+    .await;
+    assert!(agg.metric("outpost_spool_batches").await >= 5.0);
+    agg.terminate();
+    let config_path = agg.dir.join("outpost.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace(&dead_pg, &db.url)
+        .replace("migrate_on_start = false\n", "");
+    std::fs::write(&config_path, text).unwrap();
+    agg.spawn().await;
+    eventually(20, "all 50 rows", || async {
+        db.count_events("acme-web").await == 50
+    })
+    .await;
+    eventually(5, "spool empty", || async {
+        agg.metric("outpost_spool_batches").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kill_9_under_load_loses_no_acknowledged_event() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let mut agg = Aggregator::start(&config(&db.url, &redis)).await;
+    let mut acked: HashSet<String> = HashSet::new();
+    let client_id = "acme-web";
+    // Send concurrently so the kill lands with requests and deliveries in flight.
+    let url = agg.url.clone();
+    let sender = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut acked = Vec::new();
+        for tag in 0..400u32 {
+            let evs = events(1000 + tag, 0..25);
+            let ids: Vec<String> = evs.iter().map(|e| e.event_id.clone()).collect();
+            let resp = client
+                .post(format!("{url}/v1/ingest"))
+                .header("content-type", "application/vnd.outpost.frame")
+                .body(frame_for(client_id, evs, batch_id()))
+                .send()
+                .await;
+            match resp {
+                Ok(r) if r.status() == 202 => acked.extend(ids),
+                Ok(_) => {}
+                Err(_) => break, // the process is gone
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    agg.kill();
+    acked.extend(sender.await.unwrap());
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the kill"
+    );
+    agg.spawn().await;
+    eventually(60, "every acknowledged event stored", || async {
+        db.count_events(client_id).await >= acked.len() as i64
+    })
+    .await;
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM events WHERE client_id = $1")
+            .bind(client_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let stored_set: HashSet<String> = stored.iter().cloned().collect();
+    assert_eq!(stored.len(), stored_set.len(), "an event is stored twice");
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|id| !stored_set.contains(*id))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but missing: {missing:?} (of {})",
+        acked.len()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let mut agg = Aggregator::start(&config(&db.url, &redis)).await;
+    for tag in 0..3 {
+        assert_eq!(
+            agg.ingest(frame_for("acme-web", events(50 + tag, 0..10), batch_id()))
+                .await
+                .status(),
+            202
+        );
+    }
+    let status = agg.terminate();
+    assert!(status.success(), "exit status {status}:\n{}", agg.log());
+    assert_eq!(db.count_events("acme-web").await, 30, "drained before exit");
+    assert!(agg.log().contains("stopped"));
+}

@@ -1,0 +1,241 @@
+//! The real `outpost serve` process, configured for one test, and frames to
+//! send it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_shared::Timestamp;
+use outpost_shared::client::Secret;
+use outpost_shared::event::Event;
+use outpost_shared::frame::{self, BatchId, EdgeKey, FrameMeta};
+use outpost_shared::sample::{SAMPLE_NOW, typical_batch};
+
+/// The edge key every test aggregator accepts.
+pub const EDGE_KEY_ID: &str = "test-edge";
+/// Its secret.
+pub const EDGE_SECRET: &[u8] = b"test-edge-secret-test-edge-secret";
+
+/// The test edge key.
+pub fn edge_key() -> EdgeKey {
+    EdgeKey {
+        id: EDGE_KEY_ID.into(),
+        secret: Secret::new(EDGE_SECRET.to_vec()),
+    }
+}
+
+/// A running aggregator; killed when dropped.
+pub struct Aggregator {
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    /// Its base URL.
+    pub url: String,
+    /// Its working directory (spool, config, log).
+    pub dir: PathBuf,
+    config_path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Picks a free local port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Aggregator {
+    /// Starts `outpost serve` with `extra` TOML appended to a base config
+    /// (listen address, edge key, spool in a temp dir), and waits until live.
+    pub async fn start(extra: &str) -> Aggregator {
+        Aggregator::start_with_env(extra, &[]).await
+    }
+
+    /// As [`Aggregator::start`], with `OUTPOST_*` environment overrides.
+    pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Aggregator {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let port = free_port();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[[edge_keys]]\nid = \"{EDGE_KEY_ID}\"\nsecret = \"{}\"\n\n[spool]\npath = \"{}\"\n\n{extra}\n",
+            base64url(EDGE_SECRET),
+            dir.join("spool.db").display()
+        );
+        let config_path = dir.join("outpost.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut a = Aggregator {
+            child: None,
+            env,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            config_path,
+            _tmp: Some(tmp),
+        };
+        a.spawn().await;
+        a
+    }
+
+    /// Starts (again) with the same config and spool.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("outpost.log"))
+            .expect("log");
+        let child = Command::new(crate::outpost_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn outpost");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(format!("{}/health/live", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("outpost exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outpost did not become live:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().expect("wait")
+    }
+
+    /// The process log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("outpost.log")).unwrap_or_default()
+    }
+
+    /// `POST /v1/ingest`.
+    pub async fn ingest(&self, frame: Vec<u8>) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/ingest", self.url))
+            .header("content-type", "application/vnd.outpost.frame")
+            .body(frame)
+            .send()
+            .await
+            .expect("ingest request")
+    }
+
+    /// One metric's value from `/metrics` (summed over label sets).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- outpost log ({}) ---\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Events with ids `<tag>-<i>` made UUID-shaped, so tests can pick overlaps.
+pub fn events(tag: u32, range: std::ops::Range<u32>) -> Vec<Event> {
+    let sample = typical_batch(1).events.remove(0);
+    range
+        .map(|i| {
+            let mut e = sample.clone();
+            e.event_id = format!("{tag:08x}-0000-4000-8000-{i:012x}");
+            e.seq = Some(u64::from(i));
+            e.timestamp = Some(now());
+            e
+        })
+        .collect()
+}
+
+/// Now, as a timestamp.
+pub fn now() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(SAMPLE_NOW.0),
+    )
+}
+
+/// A signed frame for `client_id` carrying `events`, received now.
+pub fn frame_for(client_id: &str, events: Vec<Event>, batch_id: BatchId) -> Vec<u8> {
+    let mut batch = typical_batch(0);
+    batch.client_id = client_id.into();
+    batch.facts.received_at = now();
+    batch.events = events;
+    let meta = FrameMeta {
+        edge_id: "test",
+        batch_id,
+        created_at: now(),
+        compress: true,
+    };
+    frame::encode(&meta, &batch, &edge_key()).expect("encode")
+}
+
+/// A random batch id.
+pub fn batch_id() -> BatchId {
+    BatchId(fastrand::u128(..).to_be_bytes())
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

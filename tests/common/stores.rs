@@ -1,0 +1,150 @@
+//! Real storage for tests: a private PostgreSQL database and a private Redis
+//! key prefix per test, both removed again when the fixture drops. The
+//! servers are the ones on the machine (scripts/test starts them when they
+//! are not running); override with `OUTPOST_TEST_PG_URL` (an admin URL
+//! without database) and `OUTPOST_TEST_REDIS_URL`.
+
+/// Admin connection to the machine's PostgreSQL.
+pub fn pg_admin_url() -> String {
+    std::env::var("OUTPOST_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The machine's Redis.
+pub fn redis_url() -> String {
+    std::env::var("OUTPOST_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A short random name part, unique enough for concurrent test runs.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+/// Runs async cleanup from `Drop`, which may itself be inside a runtime.
+fn block_on_thread<F: std::future::Future<Output = ()> + Send + 'static>(f: F) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(f);
+        }
+    })
+    .join();
+}
+
+/// A database of its own, dropped with the fixture.
+pub struct TestDb {
+    /// Its name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    /// A pool on it.
+    pub pool: sqlx::PgPool,
+}
+
+impl TestDb {
+    /// Creates a fresh, empty database.
+    pub async fn new() -> TestDb {
+        let name = unique("outpost_test");
+        let admin = format!("{}/postgres", pg_admin_url());
+        let mut conn: sqlx::PgConnection =
+            sqlx::Connection::connect(&admin).await.unwrap_or_else(|e| {
+                panic!("PostgreSQL at {admin} is needed (scripts/test starts it): {e}")
+            });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let url = format!("{}/{name}", pg_admin_url());
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("connect test db");
+        TestDb { name, url, pool }
+    }
+
+    /// Rows in `events` for a client.
+    pub async fn count_events(&self, client_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE client_id = $1")
+            .bind(client_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // The pool's connections live on the test's runtime, which is blocked
+        // here: do not close them from this thread; FORCE ends them server-side.
+        let name = self.name.clone();
+        block_on_thread(async move {
+            let admin = format!("{}/postgres", pg_admin_url());
+            if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        });
+    }
+}
+
+/// A Redis key prefix of its own; its keys are deleted with the fixture.
+pub struct TestRedis {
+    /// The prefix (ends with `:`).
+    pub prefix: String,
+}
+
+impl TestRedis {
+    /// A fresh prefix.
+    pub fn new() -> TestRedis {
+        TestRedis {
+            prefix: format!("{}:", unique("outpost-test")),
+        }
+    }
+
+    /// A connection.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Redis at {} is needed (scripts/test starts it): {e}",
+                    redis_url()
+                )
+            })
+    }
+}
+
+impl Default for TestRedis {
+    fn default() -> Self {
+        TestRedis::new()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let pattern = format!("{}*", self.prefix);
+        block_on_thread(async move {
+            let Ok(client) = redis::Client::open(redis_url()) else {
+                return;
+            };
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+            }
+        });
+    }
+}

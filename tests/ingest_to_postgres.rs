@@ -1,0 +1,223 @@
+//! Frames in, rows in PostgreSQL: the aggregator against the machine's real
+//! PostgreSQL and Redis, driven over HTTP.
+
+use outpost_shared::frame::BatchId;
+use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for};
+use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use serde_json::Value;
+
+fn config(db: &TestDb, redis: &TestRedis) -> String {
+    format!(
+        "[postgres]\nurl = \"{}\"\n\n[dedup]\nbackend = \"redis\"\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n",
+        db.url,
+        redis_url(),
+        redis.prefix
+    )
+}
+
+#[tokio::test]
+async fn acknowledged_frames_become_rows_with_every_field() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&config(&db, &redis)).await;
+
+    for tag in 1..=3 {
+        let resp = agg
+            .ingest(frame_for("acme-web", events(tag, 0..10), batch_id()))
+            .await;
+        assert_eq!(resp.status(), 202);
+        let request_id = resp
+            .headers()
+            .get("x-request-id")
+            .expect("request id")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["success"], true);
+        assert_eq!(body["accepted"], 10);
+        assert_eq!(body["request_id"], request_id.as_str());
+    }
+    eventually(15, "30 rows in postgres", || async {
+        db.count_events("acme-web").await == 30
+    })
+    .await;
+
+    type Stored = (
+        String,
+        Option<String>,
+        Value,
+        Value,
+        Option<String>,
+        Option<String>,
+        String,
+        String,
+    );
+    let row: Stored = sqlx::query_as(
+        "SELECT event_id, name, properties, context, host(client_ip), country, kind, priority FROM events \
+         WHERE event_id = '00000002-0000-4000-8000-000000000003'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.1.as_deref(), Some("page_view"));
+    assert_eq!(row.2["path"], "/products/0");
+    assert_eq!(row.3["app_version"], "4.12.0");
+    assert_eq!(row.4.as_deref(), Some("203.0.113.7"));
+    assert_eq!(row.5.as_deref(), Some("DE"));
+    assert_eq!((row.6.as_str(), row.7.as_str()), ("event", "normal"));
+    assert_eq!(
+        agg.metric("outpost_sink_delivered_events_total").await,
+        30.0
+    );
+}
+
+#[tokio::test]
+async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&config(&db, &redis)).await;
+
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(7, 0..10), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "first batch stored", || async {
+        db.count_events("acme-web").await == 10
+    })
+    .await;
+    // A retry with new and old ids, as a client resends after a lost answer.
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(7, 5..15), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "15 distinct rows", || async {
+        db.count_events("acme-web").await == 15
+    })
+    .await;
+    // Redis, not only the unique key, dropped the five repeats.
+    eventually(5, "dedup counted 5", || async {
+        agg.metric("outpost_dedup_duplicates_total").await == 5.0
+    })
+    .await;
+    // The same ids from another client are that client's own events.
+    assert_eq!(
+        agg.ingest(frame_for("other-app", events(7, 0..3), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "other client's rows", || async {
+        db.count_events("other-app").await == 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_replayed_batch_whose_ids_it_already_claimed_is_not_lost() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    // Simulate a crash after the dedup claim and before the write: the
+    // claims exist, holding this batch's id, but no row does.
+    let batch = BatchId([0x42; 16]);
+    let mut conn = redis.conn().await;
+    for e in events(9, 0..4) {
+        let key = format!("{}{{acme-web}}:{}", redis.prefix, e.event_id);
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(batch.to_string())
+            .arg("EX")
+            .arg(600)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let agg = Aggregator::start(&config(&db, &redis)).await;
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(9, 0..4), batch))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "replayed batch stored", || async {
+        db.count_events("acme-web").await == 4
+    })
+    .await;
+    assert_eq!(agg.metric("outpost_dedup_duplicates_total").await, 0.0);
+    // A different batch with those ids is a duplicate.
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(9, 0..4), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(5, "4 duplicates", || async {
+        agg.metric("outpost_dedup_duplicates_total").await == 4.0
+    })
+    .await;
+    assert_eq!(db.count_events("acme-web").await, 4);
+}
+
+#[tokio::test]
+async fn invalid_events_in_a_frame_are_reported_and_not_stored() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let mut evs = events(11, 0..3);
+    evs[1].name = None; // an event without a name
+    let resp = agg.ingest(frame_for("acme-web", evs, batch_id())).await;
+    assert_eq!(resp.status(), 202);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(body["errors"][0]["index"], 1);
+    assert_eq!(body["errors"][0]["code"], 40002);
+    eventually(15, "2 rows", || async {
+        db.count_events("acme-web").await == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_down_fails_open_and_postgres_still_drops_duplicates() {
+    let db = TestDb::new().await;
+    let dead_redis = format!(
+        "redis://127.0.0.1:{}",
+        outpost_tests::aggregator::free_port()
+    );
+    let agg = Aggregator::start(&format!(
+        "[postgres]\nurl = \"{}\"\n\n[dedup]\nbackend = \"redis\"\nredis_urls = [\"{dead_redis}\"]\n",
+        db.url
+    ))
+    .await;
+    let ready: Value = reqwest::get(format!("{}/health/ready", agg.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "degraded");
+    assert_eq!(ready["checks"]["redis"], "down");
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(13, 0..5), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(13, 0..5), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "5 rows", || async {
+        db.count_events("acme-web").await == 5
+    })
+    .await;
+    eventually(5, "dedup errors counted", || async {
+        agg.metric("outpost_dedup_errors_total").await >= 1.0
+    })
+    .await;
+}
