@@ -101,3 +101,61 @@ fn readme_sign_command_prints_the_vector_signature() {
         expected_output.trim()
     );
 }
+
+/// Every leaf of the default configuration as (dotted key, default as TOML).
+fn config_leaves() -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_owned(), other.to_string())),
+        }
+    }
+    let value = toml::Value::try_from(outpost_aggregator::config::Config::default()).unwrap();
+    let mut out = Vec::new();
+    walk("", &value, &mut out);
+    out.retain(|(k, _)| k != "edge_keys");
+    out
+}
+
+#[test]
+fn readme_documents_every_config_key_with_its_default_and_env_name() {
+    let doc = section(&readme(), "config");
+    let mut missing = Vec::new();
+    for (key, default) in config_leaves() {
+        let env = format!("OUTPOST_{}", key.replace('.', "_").to_ascii_uppercase());
+        let row = doc.lines().find(|l| l.starts_with(&format!("| `{key}` |")));
+        match row {
+            Some(r) if r.contains(&format!("`{default}`")) && r.contains(&format!("`{env}`")) => {}
+            _ => missing.push(format!("| `{key}` | `{default}` | `{env}` | … |")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README config table lacks or misstates:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn readme_example_config_loads() {
+    let example = fenced_block_after(&readme(), "example: aggregator-config");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, example).unwrap();
+    let config =
+        outpost_aggregator::config::Config::load(Some(&path)).expect("README example config");
+    assert_eq!(
+        config.edge_keys.len(),
+        2,
+        "the example shows a key rotation"
+    );
+}

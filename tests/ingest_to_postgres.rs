@@ -221,3 +221,51 @@ async fn redis_down_fails_open_and_postgres_still_drops_duplicates() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_readme_metrics_table_is_what_metrics_exports() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&config(&db, &redis)).await;
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(31, 0..2), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "delivered", || async {
+        db.count_events("acme-web").await == 2
+    })
+    .await;
+    // A refused frame, so that the per-code error family has a series.
+    assert_eq!(agg.ingest(b"not a frame".to_vec()).await.status(), 400);
+    let text = reqwest::get(format!("{}/metrics", agg.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Families as exported: `# TYPE <name> <type>`; counters are sampled as `<name>_total`.
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let mut parts = l.split(' ');
+            let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            }
+        })
+        .collect();
+    let readme = outpost_tests::section(&outpost_tests::readme(), "metrics");
+    let documented: std::collections::BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .map(|l| l.split(['`', '{']).next().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        documented, exported,
+        "README metrics table and /metrics differ"
+    );
+}

@@ -68,6 +68,12 @@ pub async fn run<S: Sink>(
 ) {
     let name = sink.name();
     let label = SinkLabel { sink: name };
+    // Every series of this sink exists from the start, at zero, so that
+    // dashboards and alerts see it before the first failure.
+    let _ = ctx.metrics.sink_delivered_events.get_or_create(&label);
+    let _ = ctx.metrics.sink_failures.get_or_create(&label);
+    let _ = ctx.metrics.sink_dead_letters.get_or_create(&label);
+    let _ = ctx.metrics.sink_lag_seconds.get_or_create(&label);
     let mut backoff = Backoff {
         initial_ms: ctx.config.backoff_initial_ms,
         max_ms: ctx.config.backoff_max_ms,
