@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::delivery::{self, DeliveryContext};
 use crate::http::{AppState, router};
+use crate::sinks::influxdb::InfluxSink;
 use crate::sinks::postgres::PostgresSink;
 use crate::spool::Spool;
 use crate::telemetry::Metrics;
@@ -35,9 +36,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let influx = if config.influxdb.enabled {
+        Some(InfluxSink::new(&config.influxdb).context("influxdb")?)
+    } else {
+        None
+    };
     let mut sinks = Vec::new();
     if postgres.is_some() {
         sinks.push("postgres");
+    }
+    if influx.is_some() {
+        sinks.push("influxdb");
     }
     let spool = Spool::open(
         &config.spool.path,
@@ -67,6 +76,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         )));
     }
+    if let Some(influx) = &influx {
+        workers.push(tokio::spawn(delivery::run(
+            influx.clone(),
+            ctx.clone(),
+            stop_rx.clone(),
+        )));
+    }
 
     let state = Arc::new(AppState {
         ring: config.key_ring(),
@@ -77,6 +93,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         registry,
         dedup,
         postgres,
+        influx,
         retry_after_secs: config.server.retry_after_secs,
         request_timeout: Duration::from_millis(config.server.request_timeout_ms),
     });

@@ -13,6 +13,8 @@ use anyhow::{Context as _, bail};
 use outpost_shared::client::Secret;
 use outpost_shared::frame::{EdgeKey, FrameLimits, KeyRing};
 use outpost_shared::validate::Limits;
+
+pub use crate::sinks::influxdb::{InfluxConfig, WriteApi};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
@@ -31,6 +33,8 @@ pub struct Config {
     pub dedup: DedupConfig,
     /// The PostgreSQL sink.
     pub postgres: PostgresConfig,
+    /// The InfluxDB sink.
+    pub influxdb: InfluxConfig,
     /// Event validation limits; keep them equal to the edge's.
     pub limits: Limits,
     /// Logging.
@@ -154,8 +158,8 @@ impl Default for DedupConfig {
 pub struct PostgresConfig {
     /// Whether the PostgreSQL sink is on.
     pub enabled: bool,
-    /// Connection URL.
-    pub url: String,
+    /// Connection URL (may hold the password; never printed).
+    pub url: Redacted,
     /// Run `migrations/postgres` at start-up.
     pub migrate_on_start: bool,
     /// Connection pool size.
@@ -166,7 +170,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             enabled: true,
-            url: "postgres://postgres@127.0.0.1:5432/outpost".into(),
+            url: Redacted::from("postgres://postgres@127.0.0.1:5432/outpost"),
             migrate_on_start: true,
             max_connections: 8,
         }
@@ -257,6 +261,24 @@ impl Config {
         KeyRing {
             keys: self.edge_keys.clone(),
         }
+    }
+}
+
+/// A string that is a secret (or holds one, like a URL with a password):
+/// `***` in `Debug`, itself in TOML and JSON.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+impl From<&str> for Redacted {
+    fn from(s: &str) -> Redacted {
+        Redacted(s.to_owned())
     }
 }
 
@@ -382,7 +404,7 @@ mod tests {
         )
         .unwrap();
         let c: Config = toml::Value::Table(t).try_into().unwrap();
-        assert_eq!(c.postgres.url, "postgres://env");
+        assert_eq!(c.postgres.url.0, "postgres://env");
         assert_eq!(c.postgres.max_connections, 2);
         assert_eq!(c.spool.max_bytes, 1000);
         assert_eq!(c.dedup.redis_urls, ["redis://a:1", "redis://b:2"]);

@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use crate::dedup::Dedup;
 use crate::delivery::now_ms;
 use crate::sinks::Sink as _;
+use crate::sinks::influxdb::InfluxSink;
 use crate::sinks::postgres::PostgresSink;
 use crate::spool::{Spool, SpoolEntry, SpoolError};
 use crate::telemetry::{CodeLabel, Metrics};
@@ -47,6 +48,8 @@ pub struct AppState {
     pub dedup: Arc<Dedup>,
     /// The PostgreSQL sink, when enabled (for readiness).
     pub postgres: Option<PostgresSink>,
+    /// The InfluxDB sink, when enabled (for readiness).
+    pub influx: Option<InfluxSink>,
     /// `Retry-After` on `503`.
     pub retry_after_secs: u32,
     /// Longest an ingest request may take (a stuck disk must not hang clients).
@@ -254,6 +257,11 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         let up = pg.ping().await;
         degraded |= !up;
         checks.insert("postgres".into(), status(up));
+    }
+    if let Some(influx) = &app.influx {
+        let up = influx.ping().await;
+        degraded |= !up;
+        checks.insert("influxdb".into(), status(up));
     }
     if let Some(up) = app.dedup.ping().await {
         degraded |= !up;

@@ -80,4 +80,5 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 pub mod aggregator;
+pub mod influx;
 pub mod stores;

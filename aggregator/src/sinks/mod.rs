@@ -2,6 +2,7 @@
 //! gets its own delivery worker and spool cursor (see `delivery.rs`), so a
 //! slow or dead sink never blocks another.
 
+pub mod influxdb;
 pub mod postgres;
 
 use std::future::Future;

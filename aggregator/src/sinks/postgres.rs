@@ -45,7 +45,7 @@ impl PostgresSink {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy(&config.url)?;
+            .connect_lazy(&config.url.0)?;
         let sink = PostgresSink { pool };
         if config.migrate_on_start {
             MIGRATOR.run(&sink.pool).await?;

@@ -1,0 +1,386 @@
+//! The InfluxDB sink: line protocol (InfluxData's `influxdb-line-protocol`
+//! builder) posted on hyper 1, through the v2 (`/api/v2/write`, default),
+//! v1 (`/write`) or v3 (`/api/v3/write_lp`) write API.
+//!
+//! One point per event, measurement `influxdb.measurement`:
+//!
+//! * tags — low cardinality only: `client`, `kind`, `name`, `level`,
+//!   `country`, `platform`, `app_version`. Never user, session or event ids.
+//! * fields — `count=1i` (so `sum(count)` counts events) and every top-level
+//!   numeric property as `p_<key>` (always a float, so an integer in one
+//!   event and a float in the next cannot conflict).
+//! * timestamp — nanoseconds: the event's millisecond plus a value derived
+//!   from its event id, so that two events with the same tags in the same
+//!   millisecond stay two points, and a replayed event overwrites itself.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use influxdb_line_protocol::LineProtocolBuilder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::{Row, Sink, SinkUnavailable, WriteReport};
+use crate::config::Redacted;
+
+/// Which write API to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteApi {
+    /// InfluxDB 2 and Cloud: `/api/v2/write`, org, bucket, token.
+    V2,
+    /// InfluxDB 1.x: `/write`, database, retention policy, user/password.
+    V1,
+    /// InfluxDB 3: `/api/v3/write_lp`, database (`bucket`), token.
+    V3,
+}
+
+/// `[influxdb]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfluxConfig {
+    /// Whether the InfluxDB sink is on.
+    pub enabled: bool,
+    /// `v2`, `v1` or `v3`.
+    pub api: WriteApi,
+    /// Base URL (`http://influxdb:8086`); plain HTTP.
+    pub url: String,
+    /// v2: organisation.
+    pub org: String,
+    /// v2: bucket; v3: database.
+    pub bucket: String,
+    /// v2/v3: API token.
+    pub token: Redacted,
+    /// v1: database.
+    pub database: String,
+    /// v1: retention policy (empty: the database's default).
+    pub retention_policy: String,
+    /// v1: user (empty: no authentication).
+    pub username: String,
+    /// v1: password.
+    pub password: Redacted,
+    /// Measurement name.
+    pub measurement: String,
+    /// Longest a write may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        InfluxConfig {
+            enabled: false,
+            api: WriteApi::V2,
+            url: "http://127.0.0.1:8086".into(),
+            org: "outpost".into(),
+            bucket: "events".into(),
+            token: Redacted::default(),
+            database: "outpost".into(),
+            retention_policy: String::new(),
+            username: String::new(),
+            password: Redacted::default(),
+            measurement: "outpost_events".into(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The sink.
+#[derive(Clone)]
+pub struct InfluxSink {
+    client: Client<HttpConnector, Full<Bytes>>,
+    write_uri: hyper::Uri,
+    auth: Option<String>,
+    measurement: String,
+    timeout: Duration,
+}
+
+fn encode_query(pairs: &[(&str, &str)]) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl InfluxSink {
+    /// Builds the client; nothing is contacted until the first write.
+    pub fn new(config: &InfluxConfig) -> anyhow::Result<InfluxSink> {
+        let base = config.url.trim_end_matches('/');
+        let (path, query, auth) = match config.api {
+            WriteApi::V2 => (
+                "/api/v2/write",
+                encode_query(&[
+                    ("org", &config.org),
+                    ("bucket", &config.bucket),
+                    ("precision", "ns"),
+                ]),
+                (!config.token.0.is_empty()).then(|| format!("Token {}", config.token.0)),
+            ),
+            WriteApi::V1 => (
+                "/write",
+                encode_query(&[
+                    ("db", &config.database),
+                    ("rp", &config.retention_policy),
+                    ("u", &config.username),
+                    ("p", &config.password.0),
+                    ("precision", "ns"),
+                ]),
+                None,
+            ),
+            WriteApi::V3 => (
+                "/api/v3/write_lp",
+                encode_query(&[("db", &config.bucket), ("precision", "nanosecond")]),
+                (!config.token.0.is_empty()).then(|| format!("Bearer {}", config.token.0)),
+            ),
+        };
+        let write_uri: hyper::Uri = format!("{base}{path}?{query}").parse()?;
+        anyhow::ensure!(
+            write_uri.scheme_str() == Some("http"),
+            "influxdb.url must be http:// (TLS is not built in)"
+        );
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Ok(InfluxSink {
+            client,
+            write_uri,
+            auth,
+            measurement: config.measurement.clone(),
+            timeout: Duration::from_millis(config.timeout_ms),
+        })
+    }
+
+    /// Line protocol for rows.
+    pub fn lines(&self, rows: &[Row<'_>]) -> Vec<u8> {
+        let mut b = LineProtocolBuilder::new();
+        for r in rows {
+            let e = r.event;
+            let mut line = b
+                .measurement(&self.measurement)
+                .tag("client", &tag_value(r.client_id))
+                .tag("kind", e.kind.as_str());
+            let optional = [
+                ("name", e.name.as_deref()),
+                ("level", e.level.map(|l| l.as_str())),
+                ("country", r.facts.country_hint.as_deref()),
+                ("platform", e.context.platform.as_deref()),
+                ("app_version", e.context.app_version.as_deref()),
+            ];
+            for (k, v) in optional {
+                if let Some(v) = v.map(tag_value).filter(|v| !v.is_empty()) {
+                    line = line.tag(k, &v);
+                }
+            }
+            let mut fields = line.field("count", 1i64);
+            for (k, v) in &e.properties {
+                if let Some(n) = v.as_f64().filter(|n| n.is_finite()) {
+                    fields = fields.field(&format!("p_{k}"), n);
+                }
+            }
+            b = fields
+                .timestamp(point_time_ns(
+                    e.timestamp.unwrap_or(r.facts.received_at).millis(),
+                    &e.event_id,
+                ))
+                .close_line();
+        }
+        b.build()
+    }
+
+    async fn post(&self, body: Vec<u8>) -> Result<(u16, String), String> {
+        let mut req = hyper::Request::post(self.write_uri.clone())
+            .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        if let Some(a) = &self.auth {
+            let v = hyper::header::HeaderValue::from_str(a).map_err(|e| e.to_string())?;
+            req.headers_mut().insert(hyper::header::AUTHORIZATION, v);
+        }
+        let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| "timed out reading the answer".to_owned())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((
+            status,
+            String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+        ))
+    }
+}
+
+/// Tag values cannot hold line breaks, and a trailing backslash would
+/// escape the separator after it.
+fn tag_value(v: &str) -> String {
+    let cleaned: String = v
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    cleaned.trim_end_matches('\\').trim().to_owned()
+}
+
+/// The event's millisecond, plus a sub-millisecond offset from its id.
+fn point_time_ns(millis: i64, event_id: &str) -> i64 {
+    let h = Sha256::digest(event_id.as_bytes());
+    let offset = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % 1_000_000;
+    millis
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(offset))
+}
+
+impl Sink for InfluxSink {
+    fn name(&self) -> &'static str {
+        "influxdb"
+    }
+
+    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkUnavailable> {
+        if rows.is_empty() {
+            return Ok(WriteReport::default());
+        }
+        let (status, answer) = self.post(self.lines(rows)).await.map_err(SinkUnavailable)?;
+        match status {
+            200..=299 => Ok(WriteReport {
+                written: rows.len(),
+                rejected: Vec::new(),
+            }),
+            // The server refused the data itself (bad line, field type
+            // conflict): retrying cannot help. InfluxDB writes the good
+            // lines of a partial write, so the batch is reported refused as
+            // a whole rather than guessed at line by line.
+            400 | 422 => Ok(WriteReport {
+                written: 0,
+                rejected: (0..rows.len())
+                    .map(|i| (i, format!("influxdb {status}: {answer}")))
+                    .collect(),
+            }),
+            // Authentication, a missing bucket, overload, outage: the data is
+            // fine and waits in the spool until the server is.
+            _ => Err(SinkUnavailable(format!("influxdb {status}: {answer}"))),
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        // An empty write is valid on every API and checks auth and bucket.
+        matches!(
+            self.post(Vec::new()).await,
+            Ok((200..=299, _)) | Ok((400, _))
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_shared::sample::typical_batch;
+
+    fn sink(api: WriteApi) -> InfluxSink {
+        InfluxSink::new(&InfluxConfig {
+            enabled: true,
+            api,
+            token: Redacted::from("t0k"),
+            ..InfluxConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn each_api_gets_its_path_parameters_and_auth() {
+        let v2 = sink(WriteApi::V2);
+        assert_eq!(
+            v2.write_uri.to_string(),
+            "http://127.0.0.1:8086/api/v2/write?org=outpost&bucket=events&precision=ns"
+        );
+        assert_eq!(v2.auth.as_deref(), Some("Token t0k"));
+        let v1 = InfluxSink::new(&InfluxConfig {
+            api: WriteApi::V1,
+            username: "u".into(),
+            password: Redacted::from("p w"),
+            ..InfluxConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            v1.write_uri.to_string(),
+            "http://127.0.0.1:8086/write?db=outpost&u=u&p=p%20w&precision=ns"
+        );
+        let v3 = sink(WriteApi::V3);
+        assert_eq!(
+            v3.write_uri.to_string(),
+            "http://127.0.0.1:8086/api/v3/write_lp?db=events&precision=nanosecond"
+        );
+        assert_eq!(v3.auth.as_deref(), Some("Bearer t0k"));
+        assert!(
+            InfluxSink::new(&InfluxConfig {
+                url: "https://x".into(),
+                ..InfluxConfig::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn points_carry_low_cardinality_tags_and_numeric_fields_only() {
+        let batch = typical_batch(10);
+        let id = outpost_shared::frame::BatchId([1; 16]);
+        let rows: Vec<Row<'_>> = batch
+            .events
+            .iter()
+            .map(|event| Row {
+                client_id: "acme-web",
+                batch_id: &id,
+                edge_id: "e",
+                facts: &batch.facts,
+                event,
+            })
+            .collect();
+        let text = String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 10);
+        assert!(
+            lines[0].starts_with("outpost_events,client=acme-web,kind=event,name=page_view,country=DE,platform=web,app_version=4.12.0 count=1i,p_price=49.95,p_viewport_width=1280 "),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[9].contains(",kind=log,name=checkout,level=warn,"),
+            "{}",
+            lines[9]
+        );
+        for l in &lines {
+            for forbidden in ["user", "session", "event_id", "anonymous"] {
+                assert!(!l.contains(forbidden), "{forbidden} in {l}");
+            }
+        }
+        let ts: i64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+        assert_eq!(ts / 1_000_000, batch.events[0].timestamp.unwrap().millis());
+    }
+
+    #[test]
+    fn tag_values_cannot_break_the_line() {
+        assert_eq!(tag_value("a\nb\\"), "a b");
+        assert_eq!(tag_value("\t"), "");
+    }
+
+    #[test]
+    fn point_times_are_distinct_per_event_and_stable_per_id() {
+        assert_ne!(point_time_ns(5, "a"), point_time_ns(5, "b"));
+        assert_eq!(point_time_ns(5, "a"), point_time_ns(5, "a"));
+        assert_eq!(point_time_ns(5, "a") / 1_000_000, 5);
+    }
+}

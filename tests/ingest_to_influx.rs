@@ -1,0 +1,182 @@
+//! Frames in, points in InfluxDB: the real aggregator against Debian's
+//! `influxd` 1.x (v1 write API) and VictoriaMetrics (v2 write API), next to
+//! the real PostgreSQL.
+
+use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for, free_port};
+use outpost_tests::influx::InfluxServer;
+use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use serde_json::Value;
+
+fn config(db: &TestDb, redis: &TestRedis, influx: &str) -> String {
+    format!(
+        "[postgres]\nurl = \"{}\"\n\n[dedup]\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n\n[influxdb]\nenabled = true\n{influx}\n",
+        db.url,
+        redis_url(),
+        redis.prefix
+    )
+}
+
+#[tokio::test]
+async fn frames_become_points_in_influxdb_1x_through_the_v1_api_and_rows_in_postgres() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let influx = InfluxServer::influxdb_v1(free_port(), "outpost").await;
+    let agg = Aggregator::start(&config(
+        &db,
+        &redis,
+        &format!(
+            "api = \"v1\"\nurl = \"{}\"\ndatabase = \"outpost\"\n",
+            influx.url
+        ),
+    ))
+    .await;
+    for tag in 0..3 {
+        assert_eq!(
+            agg.ingest(frame_for("acme-web", events(60 + tag, 0..10), batch_id()))
+                .await
+                .status(),
+            202
+        );
+    }
+    eventually(20, "30 points", || async {
+        let rows = influx
+            .query_v1(
+                "outpost",
+                "SELECT count(\"count\") FROM outpost_events WHERE client = 'acme-web'",
+            )
+            .await;
+        rows.first()
+            .and_then(|r| r.get("count"))
+            .and_then(Value::as_i64)
+            == Some(30)
+    })
+    .await;
+    assert_eq!(db.count_events("acme-web").await, 30);
+    let points = influx
+        .query_v1("outpost", "SELECT * FROM outpost_events LIMIT 1")
+        .await;
+    let p = &points[0];
+    assert_eq!(p["name"], "page_view");
+    assert_eq!(p["country"], "DE");
+    assert_eq!(p["platform"], "web");
+    assert_eq!(p["p_price"], 49.95);
+    assert!(
+        !p.keys()
+            .any(|k| k.contains("user") || k.contains("session")),
+        "{p:?}"
+    );
+    // A duplicate batch adds no points.
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(60, 0..10), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(10, "10 duplicates dropped per sink", || async {
+        agg.metric("outpost_dedup_duplicates_total").await >= 20.0
+    })
+    .await;
+    let rows = influx
+        .query_v1("outpost", "SELECT count(\"count\") FROM outpost_events")
+        .await;
+    assert_eq!(rows[0]["count"], 30);
+}
+
+#[tokio::test]
+async fn frames_become_points_in_victoria_metrics_through_the_v2_api() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let vm = InfluxServer::victoria_metrics(free_port()).await;
+    let agg = Aggregator::start(&config(
+        &db,
+        &redis,
+        &format!(
+            "api = \"v2\"\nurl = \"{}\"\norg = \"acme\"\nbucket = \"events\"\ntoken = \"secret\"\n",
+            vm.url
+        ),
+    ))
+    .await;
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(70, 0..10), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(20, "10 counts exported", || async {
+        let series = vm
+            .export_vm("{__name__=\"outpost_events_count\",client=\"acme-web\"}")
+            .await;
+        let total: f64 = series
+            .iter()
+            .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_f64())
+            .sum();
+        total == 10.0
+    })
+    .await;
+    let prices = vm.export_vm("{__name__=\"outpost_events_p_price\"}").await;
+    assert!(!prices.is_empty());
+    assert_eq!(prices[0]["metric"]["name"], "page_view");
+}
+
+#[tokio::test]
+async fn influxdb_down_does_not_delay_postgres_and_catches_up_when_back() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let port = free_port();
+    let agg = Aggregator::start(&config(
+        &db,
+        &redis,
+        &format!("api = \"v1\"\nurl = \"http://127.0.0.1:{port}\"\ndatabase = \"outpost\"\n"),
+    ))
+    .await;
+    for tag in 0..4 {
+        assert_eq!(
+            agg.ingest(frame_for("acme-web", events(80 + tag, 0..10), batch_id()))
+                .await
+                .status(),
+            202
+        );
+    }
+    eventually(
+        10,
+        "postgres has every row while influxdb is down",
+        || async { db.count_events("acme-web").await == 40 },
+    )
+    .await;
+    eventually(10, "influxdb failures counted", || async {
+        agg.metric("outpost_sink_failures_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        agg.metric("outpost_spool_batches").await,
+        4.0,
+        "kept for the influxdb sink"
+    );
+    let ready: Value = reqwest::get(format!("{}/health/ready", agg.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            ready["status"].as_str(),
+            ready["checks"]["influxdb"].as_str()
+        ),
+        (Some("degraded"), Some("down"))
+    );
+
+    let influx = InfluxServer::influxdb_v1(port, "outpost").await;
+    eventually(20, "influxdb caught up", || async {
+        let rows = influx
+            .query_v1("outpost", "SELECT count(\"count\") FROM outpost_events")
+            .await;
+        rows.first()
+            .and_then(|r| r.get("count"))
+            .and_then(Value::as_i64)
+            == Some(40)
+    })
+    .await;
+    eventually(5, "spool empty", || async {
+        agg.metric("outpost_spool_batches").await == 0.0
+    })
+    .await;
+}
