@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::delivery::{self, DeliveryContext};
+use crate::geoip::GeoIp;
 use crate::http::{AppState, router};
 use crate::sinks::influxdb::InfluxSink;
 use crate::sinks::postgres::PostgresSink;
@@ -59,6 +60,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
     let dedup = Arc::new(Dedup::connect(&config.dedup).await.context("dedup")?);
 
+    let geoip = Arc::new(GeoIp::open(&config.geoip, metrics.clone()));
+    geoip.spawn_reloader(Duration::from_secs(config.geoip.reload_check_secs));
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(DeliveryContext {
         spool: spool.clone(),
@@ -67,6 +71,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         limits: config.limits.clone(),
         frame_limits: config.server.frame,
         metrics: metrics.clone(),
+        geoip,
     });
     let mut workers = Vec::new();
     if let Some(pg) = &postgres {

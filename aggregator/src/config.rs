@@ -14,6 +14,7 @@ use outpost_shared::client::Secret;
 use outpost_shared::frame::{EdgeKey, FrameLimits, KeyRing};
 use outpost_shared::validate::Limits;
 
+pub use crate::geoip::GeoIpConfig;
 pub use crate::sinks::influxdb::{InfluxConfig, WriteApi};
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// The InfluxDB sink.
     pub influxdb: InfluxConfig,
+    /// GeoIP enrichment.
+    pub geoip: GeoIpConfig,
     /// Event validation limits; keep them equal to the edge's.
     pub limits: Limits,
     /// Logging.
@@ -208,7 +211,7 @@ impl Default for LogConfig {
 
 const ENV_PREFIX: &str = "OUTPOST_";
 const SECTIONS: &[&str] = &[
-    "server", "spool", "delivery", "dedup", "postgres", "limits", "log",
+    "server", "spool", "delivery", "dedup", "postgres", "influxdb", "geoip", "limits", "log",
 ];
 
 impl Config {
@@ -412,6 +415,20 @@ mod tests {
         assert_eq!(c.edge_keys[0].id, "e1");
         assert_eq!(c.edge_keys[0].secret.expose().len(), 32);
         c.check().unwrap();
+    }
+
+    #[test]
+    fn every_section_can_be_set_from_the_environment() {
+        let value = toml::Value::try_from(Config::default()).unwrap();
+        for (section, v) in value.as_table().unwrap() {
+            if v.is_table() {
+                assert!(
+                    SECTIONS.contains(&section.as_str()),
+                    "OUTPOST_{}_* is not read",
+                    section.to_uppercase()
+                );
+            }
+        }
     }
 
     #[test]

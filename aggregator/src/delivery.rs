@@ -7,6 +7,7 @@
 //! database was down). Rows a sink refuses for their content, and frames
 //! that no longer decode, go to the spool's dead letters with the reason.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_shared::frame::{self, Frame, FrameLimits};
@@ -15,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
 use crate::dedup::Dedup;
+use crate::geoip::{Geo, GeoIp};
 use crate::sinks::{Row, Sink};
 use crate::spool::{DeadLetter, Pending, Spool};
 use crate::telemetry::{Metrics, SinkLabel};
@@ -33,6 +35,8 @@ pub struct DeliveryContext {
     pub frame_limits: FrameLimits,
     /// Metrics.
     pub metrics: Metrics,
+    /// GeoIP enrichment.
+    pub geoip: Arc<GeoIp>,
 }
 
 /// Exponential backoff with full jitter.
@@ -125,6 +129,7 @@ struct Decoded {
     seq: i64,
     frame: Frame,
     keep: Vec<bool>,
+    geo: Option<Arc<Geo>>,
 }
 
 async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> Result<(), String> {
@@ -142,6 +147,13 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
                     .iter_mut()
                     .map(|e| validate_event(e, &ctx.limits, received_at).is_ok())
                     .collect();
+                // One client IP per batch: one lookup (usually cached).
+                let geo = frame
+                    .batch
+                    .facts
+                    .client_ip
+                    .as_deref()
+                    .and_then(|ip| ctx.geoip.lookup(ip));
                 let ids: Vec<&str> = frame
                     .batch
                     .events
@@ -165,6 +177,7 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
                     seq: p.seq,
                     frame,
                     keep,
+                    geo,
                 });
             }
             Err(e) => {
@@ -208,6 +221,7 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
                     edge_id: &d.frame.header.edge_id,
                     facts: &b.facts,
                     event,
+                    geo: d.geo.as_deref(),
                 })
         })
         .collect();

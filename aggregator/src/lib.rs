@@ -8,6 +8,7 @@ pub mod app;
 pub mod config;
 pub mod dedup;
 pub mod delivery;
+pub mod geoip;
 pub mod http;
 pub mod sinks;
 pub mod spool;

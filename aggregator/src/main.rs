@@ -30,6 +30,14 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
+    /// Inspect the GeoIP databases.
+    Geoip {
+        /// TOML config file (`[geoip]` is used).
+        #[arg(long, short, env = "OUTPOST_CONFIG", global = true)]
+        config: Option<std::path::PathBuf>,
+        #[command(subcommand)]
+        command: GeoipCommand,
+    },
     /// Apply the PostgreSQL migrations and exit.
     Migrate {
         /// TOML config file (only `[postgres] url` is used).
@@ -67,6 +75,17 @@ enum Command {
     Validate,
 }
 
+#[derive(Subcommand)]
+enum GeoipCommand {
+    /// Which databases are configured and loaded (JSON).
+    Status,
+    /// What the databases say about an IP address (JSON).
+    Lookup {
+        /// IPv4 or IPv6 address.
+        ip: std::net::IpAddr,
+    },
+}
+
 fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -96,6 +115,20 @@ fn main() -> anyhow::Result<()> {
             let config = outpost_aggregator::config::Config::load(config.as_deref())?;
             outpost_aggregator::telemetry::init_logging(&config.log);
             runtime()?.block_on(outpost_aggregator::app::serve(config))?;
+        }
+        Command::Geoip { config, command } => {
+            let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = outpost_aggregator::telemetry::Metrics::new(&mut registry);
+            let geo = outpost_aggregator::geoip::GeoIp::open(&config.geoip, metrics);
+            let out = match command {
+                GeoipCommand::Status => geo.status(),
+                GeoipCommand::Lookup { ip } => serde_json::json!({
+                    "ip": ip,
+                    "geo": geo.lookup(&ip.to_string()).map(|g| serde_json::to_value(&*g)).transpose()?,
+                }),
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Migrate { config } => {
             let mut config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;

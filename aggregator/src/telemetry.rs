@@ -26,6 +26,13 @@ pub struct SinkLabel {
     pub sink: &'static str,
 }
 
+/// Label: a GeoIP lookup's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GeoLabel {
+    /// `found`, `not_found`, `no_database`, `invalid_ip`.
+    pub result: &'static str,
+}
+
 /// Every metric. Cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -55,6 +62,10 @@ pub struct Metrics {
     pub dedup_duplicates: Counter,
     /// Dedup lookups that failed (Redis down): those events went through.
     pub dedup_errors: Counter,
+    /// GeoIP lookups by outcome (cache misses only).
+    pub geoip_lookups: Family<GeoLabel, Counter>,
+    /// GeoIP answers served from the cache.
+    pub geoip_cache_hits: Counter,
 }
 
 impl Metrics {
@@ -77,6 +88,8 @@ impl Metrics {
             sink_lag_seconds: Family::default(),
             dedup_duplicates: Counter::default(),
             dedup_errors: Counter::default(),
+            geoip_lookups: Family::default(),
+            geoip_cache_hits: Counter::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to names.
         let r = registry.sub_registry_with_prefix("outpost");
@@ -147,6 +160,16 @@ impl Metrics {
             "dedup_errors",
             "Dedup lookups that failed open",
             m.dedup_errors.clone(),
+        );
+        r.register(
+            "geoip_lookups",
+            "GeoIP database lookups by outcome",
+            m.geoip_lookups.clone(),
+        );
+        r.register(
+            "geoip_cache_hits",
+            "GeoIP answers served from the cache",
+            m.geoip_cache_hits.clone(),
         );
         m
     }

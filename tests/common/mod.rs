@@ -80,5 +80,6 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 pub mod aggregator;
+pub mod geo;
 pub mod influx;
 pub mod stores;

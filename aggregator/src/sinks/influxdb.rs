@@ -175,7 +175,7 @@ impl InfluxSink {
             let optional = [
                 ("name", e.name.as_deref()),
                 ("level", e.level.map(|l| l.as_str())),
-                ("country", r.facts.country_hint.as_deref()),
+                ("country", r.country()),
                 ("platform", e.context.platform.as_deref()),
                 ("app_version", e.context.app_version.as_deref()),
             ];
@@ -347,6 +347,7 @@ mod tests {
                 edge_id: "e",
                 facts: &batch.facts,
                 event,
+                geo: None,
             })
             .collect();
         let text = String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap();

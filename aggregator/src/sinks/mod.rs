@@ -10,6 +10,8 @@ use std::future::Future;
 use outpost_shared::event::{EdgeFacts, Event};
 use outpost_shared::frame::BatchId;
 
+use crate::geoip::Geo;
+
 /// One event ready to write, with what the frame said about it.
 #[derive(Debug, Clone, Copy)]
 pub struct Row<'a> {
@@ -23,6 +25,17 @@ pub struct Row<'a> {
     pub facts: &'a EdgeFacts,
     /// The event (validated).
     pub event: &'a Event,
+    /// What GeoIP knows about the client IP.
+    pub geo: Option<&'a Geo>,
+}
+
+impl Row<'_> {
+    /// The country: GeoIP's answer, else the edge platform's hint.
+    pub fn country(&self) -> Option<&str> {
+        self.geo
+            .and_then(|g| g.country.as_deref())
+            .or(self.facts.country_hint.as_deref())
+    }
 }
 
 /// What a write did.

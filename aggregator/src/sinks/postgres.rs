@@ -27,14 +27,18 @@ pub struct PostgresSink {
 const INSERT: &str = r#"
 INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, message, level,
                     user_id, anonymous_id, session_id, properties, context, app_version, platform,
-                    trace_id, span_id, seq, priority, client_ip, user_agent, pop, country)
+                    trace_id, span_id, seq, priority, client_ip, user_agent, pop, country,
+                    region, city, latitude, longitude, time_zone, asn, as_org)
 SELECT c, e, b::uuid, ed, to_timestamp(t / 1000.0), to_timestamp(r / 1000.0), k, n, m, l,
-       u, a, s, p::jsonb, cx::jsonb, av, pl, tr, sp, sq, pr, ip::inet, ua, pop, co
+       u, a, s, p::jsonb, cx::jsonb, av, pl, tr, sp, sq, pr, ip::inet, ua, pop, co,
+       rg, ci, la, lo, tz, asn, aso
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::text[], $8::text[],
             $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
             $16::text[], $17::text[], $18::text[], $19::text[], $20::int8[], $21::text[], $22::text[],
-            $23::text[], $24::text[], $25::text[])
-     AS x(c, e, b, ed, t, r, k, n, m, l, u, a, s, p, cx, av, pl, tr, sp, sq, pr, ip, ua, pop, co)
+            $23::text[], $24::text[], $25::text[], $26::text[], $27::text[], $28::float8[], $29::float8[],
+            $30::text[], $31::int8[], $32::text[])
+     AS x(c, e, b, ed, t, r, k, n, m, l, u, a, s, p, cx, av, pl, tr, sp, sq, pr, ip, ua, pop, co,
+          rg, ci, la, lo, tz, asn, aso)
 ON CONFLICT (client_id, event_id) DO NOTHING
 "#;
 
@@ -143,6 +147,13 @@ struct Columns {
     user_agent: Vec<Option<String>>,
     pop: Vec<Option<String>>,
     country: Vec<Option<String>>,
+    region: Vec<Option<String>>,
+    city: Vec<Option<String>>,
+    latitude: Vec<Option<f64>>,
+    longitude: Vec<Option<f64>>,
+    time_zone: Vec<Option<String>>,
+    asn: Vec<Option<i64>>,
+    as_org: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -182,7 +193,15 @@ impl Columns {
         );
         self.user_agent.push(r.facts.user_agent.clone());
         self.pop.push(r.facts.pop.clone());
-        self.country.push(r.facts.country_hint.clone());
+        self.country.push(r.country().map(str::to_owned));
+        let g = r.geo;
+        self.region.push(g.and_then(|g| g.region.clone()));
+        self.city.push(g.and_then(|g| g.city.clone()));
+        self.latitude.push(g.and_then(|g| g.latitude));
+        self.longitude.push(g.and_then(|g| g.longitude));
+        self.time_zone.push(g.and_then(|g| g.time_zone.clone()));
+        self.asn.push(g.and_then(|g| g.asn).map(i64::from));
+        self.as_org.push(g.and_then(|g| g.as_org.clone()));
     }
 
     fn bind<'q>(
@@ -214,5 +233,12 @@ impl Columns {
             .bind(self.user_agent)
             .bind(self.pop)
             .bind(self.country)
+            .bind(self.region)
+            .bind(self.city)
+            .bind(self.latitude)
+            .bind(self.longitude)
+            .bind(self.time_zone)
+            .bind(self.asn)
+            .bind(self.as_org)
     }
 }
