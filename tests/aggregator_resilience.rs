@@ -269,3 +269,97 @@ async fn sigterm_drains_and_exits_cleanly() {
     assert_eq!(db.count_events("acme-web").await, 30, "drained before exit");
     assert!(agg.log().contains("stopped"));
 }
+
+#[tokio::test]
+async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&config(&db.url, &redis)).await;
+    // Something PostgreSQL refuses for the data (SQLSTATE 23514), which
+    // validation cannot know about: a constraint an operator added.
+    sqlx::query(
+        "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (name IS DISTINCT FROM 'poison')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut evs = events(300, 0..5);
+    evs[2].name = Some("poison".into());
+    let poison_id = evs[2].event_id.clone();
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", evs, batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "4 rows", || async {
+        db.count_events("acme-web").await == 4
+    })
+    .await;
+    eventually(5, "1 dead letter", || async {
+        agg.metric("outpost_sink_dead_letters_total").await == 1.0
+    })
+    .await;
+    eventually(5, "spool empty", || async {
+        agg.metric("outpost_spool_batches").await == 0.0
+    })
+    .await;
+    let spool = format!("sqlite://{}?mode=ro", agg.dir.join("spool.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&spool)
+        .await
+        .unwrap();
+    let (event_id, error, payload): (String, String, Vec<u8>) =
+        sqlx::query_as("SELECT event_id, error, payload FROM dead_letters")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(event_id, poison_id);
+    assert!(error.contains("no_poison"), "{error}");
+    let event: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(event["name"], "poison");
+}
+
+#[tokio::test]
+async fn high_priority_batches_are_delivered_first_from_a_backlog() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
+    let backlog = config(&dead_pg, &redis)
+        .replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n")
+        + "max_batches_per_write = 1\n";
+    let mut agg = Aggregator::start(&backlog).await;
+    for tag in 0..5 {
+        assert_eq!(
+            agg.ingest(frame_for("acme-web", events(400 + tag, 0..3), batch_id()))
+                .await
+                .status(),
+            202
+        );
+    }
+    let mut urgent = events(450, 0..3);
+    for e in &mut urgent {
+        e.priority = outpost_shared::event::Priority::High;
+    }
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", urgent, batch_id()))
+            .await
+            .status(),
+        202
+    );
+    agg.terminate();
+    let config_path = agg.dir.join("outpost.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace(&dead_pg, &db.url)
+        .replace("migrate_on_start = false\n", "");
+    std::fs::write(&config_path, text).unwrap();
+    agg.spawn().await;
+    eventually(20, "18 rows", || async {
+        db.count_events("acme-web").await == 18
+    })
+    .await;
+    // Insertion order is the BIGSERIAL id: the high-priority batch came first.
+    let first: Vec<String> = sqlx::query_scalar("SELECT priority FROM events ORDER BY id LIMIT 3")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(first, ["high", "high", "high"]);
+}

@@ -269,3 +269,67 @@ async fn the_readme_metrics_table_is_what_metrics_exports() {
         "README metrics table and /metrics differ"
     );
 }
+
+#[tokio::test]
+async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let secret = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(outpost_tests::aggregator::EDGE_SECRET)
+    };
+    let (url, db_url) = (agg.url.clone(), db.url.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(outpost_tests::outpost_bin())
+            .args([
+                "bench",
+                "--url",
+                &url,
+                "--frames",
+                "20",
+                "--events-per-frame",
+                "10",
+                "--concurrency",
+                "4",
+            ])
+            .args([
+                "--client-id",
+                "bench-test",
+                "--baseline-postgres",
+                &db_url,
+                "--json",
+            ])
+            .env(
+                "OUTPOST_EDGE_KEYS",
+                format!("{}={secret}", outpost_tests::aggregator::EDGE_KEY_ID),
+            )
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["frames_ok"], 20);
+    assert_eq!(report["events_ok"], 200);
+    assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(report["end_to_end_events_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(report["ratio_to_copy"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        db.count_events("bench-test").await,
+        200,
+        "every benchmark event is stored"
+    );
+    let leftover: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_tables WHERE tablename LIKE 'outpost_bench_baseline_%'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(leftover, 0, "the baseline table is dropped");
+}

@@ -5,6 +5,7 @@
 //! `sinks`. `app` wires them from `config`; `telemetry` names every metric.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod dedup;
 pub mod delivery;

@@ -30,6 +30,42 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
+    /// Load-test an aggregator's ingest (see BENCHMARKS.md).
+    Bench {
+        /// Aggregator base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Config file whose first edge key signs the frames (or OUTPOST_EDGE_KEYS).
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<std::path::PathBuf>,
+        /// Frames to send.
+        #[arg(long, default_value_t = 1000)]
+        frames: usize,
+        /// Events per frame.
+        #[arg(long, default_value_t = 100)]
+        events_per_frame: usize,
+        /// Concurrent requests.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Frames per second in total (default: flat out).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Wait until PostgreSQL has every event and report the end-to-end rate.
+        #[arg(long)]
+        wait_delivery: bool,
+        /// Also time a raw COPY of the same rows into this PostgreSQL (migrated) database.
+        #[arg(long)]
+        baseline_postgres: Option<String>,
+        /// PID of the server, to report its peak RSS.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// Client id the frames carry.
+        #[arg(long, default_value = "bench")]
+        client_id: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the GeoIP databases.
     Geoip {
         /// TOML config file (`[geoip]` is used).
@@ -115,6 +151,44 @@ fn main() -> anyhow::Result<()> {
             let config = outpost_aggregator::config::Config::load(config.as_deref())?;
             outpost_aggregator::telemetry::init_logging(&config.log);
             runtime()?.block_on(outpost_aggregator::app::serve(config))?;
+        }
+        Command::Bench {
+            url,
+            config,
+            frames,
+            events_per_frame,
+            concurrency,
+            rate,
+            wait_delivery,
+            baseline_postgres,
+            server_pid,
+            client_id,
+            json,
+        } => {
+            let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
+            let key = config
+                .edge_keys
+                .first()
+                .cloned()
+                .context("no edge key: pass --config or set OUTPOST_EDGE_KEYS")?;
+            let opts = outpost_aggregator::bench::BenchOptions {
+                url,
+                key,
+                frames,
+                events_per_frame,
+                concurrency,
+                rate,
+                wait_delivery: wait_delivery || baseline_postgres.is_some(),
+                baseline_postgres,
+                server_pid,
+                client_id,
+            };
+            let report = runtime()?.block_on(outpost_aggregator::bench::run(opts))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
         }
         Command::Geoip { config, command } => {
             let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;

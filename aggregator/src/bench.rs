@@ -1,0 +1,445 @@
+//! `outpost bench`: a load generator for the aggregator's ingest.
+//!
+//! It signs frames of typical events (made before the clock starts, so the
+//! generator's own encoding does not compete with the server for CPU),
+//! sends them from `--concurrency` connections flat out or at `--rate`
+//! frames per second, and reports throughput, latency percentiles and
+//! errors by code. With `--wait-delivery` it also waits until the server's
+//! `outpost_sink_delivered_events_total{sink="postgres"}` has grown by every
+//! event sent, giving the end-to-end rate; `--baseline-postgres URL` then
+//! COPYs the same rows straight into a scratch table, so the end-to-end rate
+//! can be reported as a ratio to raw COPY measured in the same run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use outpost_shared::Timestamp;
+use outpost_shared::event::Event;
+use outpost_shared::frame::{self, BatchId, EdgeKey, FrameMeta};
+use outpost_shared::sample::typical_batch;
+use serde::Serialize;
+
+use crate::delivery::now_ms;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Aggregator base URL.
+    pub url: String,
+    /// Edge key to sign with.
+    pub key: EdgeKey,
+    /// Frames to send.
+    pub frames: usize,
+    /// Events per frame.
+    pub events_per_frame: usize,
+    /// Concurrent requests.
+    pub concurrency: usize,
+    /// Frames per second in total; `None`: flat out.
+    pub rate: Option<f64>,
+    /// Wait until the PostgreSQL sink has delivered everything.
+    pub wait_delivery: bool,
+    /// PostgreSQL URL for the COPY baseline.
+    pub baseline_postgres: Option<String>,
+    /// PID of the server, to report its peak RSS (Linux).
+    pub server_pid: Option<u32>,
+    /// Client id the frames claim.
+    pub client_id: String,
+}
+
+/// The summary (printed as text, or JSON with `--json`).
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Frames acknowledged with 202.
+    pub frames_ok: u64,
+    /// Events in acknowledged frames.
+    pub events_ok: u64,
+    /// Refused or failed requests, by error code (0: transport error).
+    pub errors: std::collections::BTreeMap<u32, u64>,
+    /// Wall time of the sending phase, seconds.
+    pub ingest_secs: f64,
+    /// Acknowledged events per second.
+    pub ingest_events_per_sec: f64,
+    /// Latency percentiles of acknowledged requests, milliseconds.
+    pub latency_ms: Percentiles,
+    /// Seconds from the first request until PostgreSQL had every event.
+    pub end_to_end_secs: Option<f64>,
+    /// Events per second, end to end into PostgreSQL.
+    pub end_to_end_events_per_sec: Option<f64>,
+    /// Events per second of a raw COPY of the same rows.
+    pub baseline_copy_events_per_sec: Option<f64>,
+    /// End-to-end rate over the COPY rate.
+    pub ratio_to_copy: Option<f64>,
+    /// Server's peak resident memory, MiB.
+    pub server_peak_rss_mib: Option<f64>,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 95th.
+    pub p95: f64,
+    /// 99th.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+fn percentiles(mut v: Vec<f64>) -> Percentiles {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    Percentiles {
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+fn events_for(run: u64, frame: usize, n: usize, now: Timestamp) -> Vec<Event> {
+    let mut events = typical_batch(n).events;
+    for (i, e) in events.iter_mut().enumerate() {
+        e.event_id = format!(
+            "{:08x}-{:04x}-4{:03x}-8000-{:012x}",
+            run as u32,
+            (frame >> 12) & 0xffff,
+            frame & 0xfff,
+            i
+        );
+        e.timestamp = Some(now);
+    }
+    events
+}
+
+/// Runs the benchmark.
+pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        opts.frames > 0 && opts.events_per_frame > 0 && opts.concurrency > 0,
+        "nothing to send"
+    );
+    let run_id = now_ms() as u64;
+    let now = Timestamp(now_ms());
+    eprintln!(
+        "preparing {} frames of {} events…",
+        opts.frames, opts.events_per_frame
+    );
+    let mut batch = typical_batch(0);
+    batch.client_id = opts.client_id.clone();
+    batch.facts.received_at = now;
+    let mut frames = Vec::with_capacity(opts.frames);
+    let mut all_events = Vec::new();
+    for f in 0..opts.frames {
+        batch.events = events_for(run_id, f, opts.events_per_frame, now);
+        let meta = FrameMeta {
+            edge_id: "bench",
+            batch_id: BatchId(fastrand::u128(..).to_be_bytes()),
+            created_at: now,
+            compress: true,
+        };
+        frames.push(Bytes::from(frame::encode(&meta, &batch, &opts.key)?));
+        if opts.baseline_postgres.is_some() {
+            all_events.extend(batch.events.drain(..));
+        }
+    }
+
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(opts.concurrency)
+        .build_http();
+    let uri: hyper::Uri = format!("{}/v1/ingest", opts.url.trim_end_matches('/')).parse()?;
+    let before = delivered_postgres(&client, &opts.url).await.unwrap_or(0.0);
+
+    let frames = Arc::new(frames);
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let interval = opts
+        .rate
+        .map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
+    let mut tasks = Vec::new();
+    for _ in 0..opts.concurrency {
+        let (client, uri, frames, next, done) = (
+            client.clone(),
+            uri.clone(),
+            frames.clone(),
+            next.clone(),
+            done.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = std::collections::BTreeMap::<u32, u64>::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= frames.len() {
+                    break;
+                }
+                if let Some(iv) = interval {
+                    let due = started + iv * i as u32;
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let req = hyper::Request::post(uri.clone())
+                    .header(hyper::header::CONTENT_TYPE, crate::http::FRAME_CONTENT_TYPE)
+                    .body(Full::new(frames[i].clone()));
+                let t = Instant::now();
+                let outcome = match req {
+                    Ok(req) => match client.request(req).await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let body = resp
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if status == hyper::StatusCode::ACCEPTED {
+                                Ok(())
+                            } else {
+                                let code = serde_json::from_slice::<serde_json::Value>(&body)
+                                    .ok()
+                                    .and_then(|v| v["code"].as_u64())
+                                    .unwrap_or(u64::from(status.as_u16()));
+                                Err(code as u32)
+                            }
+                        }
+                        Err(_) => Err(0),
+                    },
+                    Err(_) => Err(0),
+                };
+                match outcome {
+                    Ok(()) => latencies.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(code) => *errors.entry(code).or_default() += 1,
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (latencies, errors)
+        }));
+    }
+    let progress = {
+        let (done, total) = (done.clone(), opts.frames as u64);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let d = done.load(Ordering::Relaxed);
+                let width = 30usize;
+                let filled = (d as usize * width) / total.max(1) as usize;
+                eprint!(
+                    "\r[{}{}] {d}/{total} frames",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled)
+                );
+                if d >= total {
+                    eprintln!();
+                    return;
+                }
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut errors = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        for (k, v) in e {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    let ingest_secs = started.elapsed().as_secs_f64();
+    progress.abort();
+    eprintln!();
+    let frames_ok = latencies.len() as u64;
+    let events_ok = frames_ok * opts.events_per_frame as u64;
+
+    let mut end_to_end_secs = None;
+    if opts.wait_delivery {
+        eprintln!("waiting until PostgreSQL has all {events_ok} events…");
+        let target = before + events_ok as f64;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if delivered_postgres(&client, &opts.url).await.unwrap_or(0.0) >= target {
+                end_to_end_secs = Some(started.elapsed().as_secs_f64());
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the sinks did not deliver everything within 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let end_to_end_events_per_sec = end_to_end_secs.map(|s| events_ok as f64 / s);
+
+    let baseline_copy_events_per_sec = match &opts.baseline_postgres {
+        Some(url) => Some(copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?),
+        None => None,
+    };
+    let ratio_to_copy = match (end_to_end_events_per_sec, baseline_copy_events_per_sec) {
+        (Some(e), Some(b)) if b > 0.0 => Some(e / b),
+        _ => None,
+    };
+    Ok(BenchReport {
+        frames_ok,
+        events_ok,
+        errors,
+        ingest_secs,
+        ingest_events_per_sec: events_ok as f64 / ingest_secs,
+        latency_ms: percentiles(latencies),
+        end_to_end_secs,
+        end_to_end_events_per_sec,
+        baseline_copy_events_per_sec,
+        ratio_to_copy,
+        server_peak_rss_mib: opts.server_pid.and_then(peak_rss_mib),
+    })
+}
+
+async fn delivered_postgres(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    base: &str,
+) -> anyhow::Result<f64> {
+    let uri: hyper::Uri = format!("{}/metrics", base.trim_end_matches('/')).parse()?;
+    let resp = client.get(uri).await?;
+    let text = resp.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with("outpost_sink_delivered_events_total{sink=\"postgres\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// COPYs the same rows (same columns the sink writes) into a scratch copy of
+/// `events`, timed; the table is dropped afterwards.
+async fn copy_baseline(
+    url: &str,
+    client_id: &str,
+    events: &[Event],
+    facts: &outpost_shared::EdgeFacts,
+) -> anyhow::Result<f64> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .context("baseline PostgreSQL")?;
+    let table = format!("outpost_bench_baseline_{}", std::process::id());
+    sqlx::query(&format!("CREATE TABLE {table} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)"))
+        .execute(&mut conn)
+        .await
+        .context("creating the baseline table (run `outpost migrate` on that database first)")?;
+    let mut text = String::with_capacity(events.len() * 700);
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('\t', "\\t")
+            .replace('\n', "\\n")
+            .replace('\r', "\\r")
+    };
+    let opt = |s: Option<&str>| s.map(esc).unwrap_or_else(|| "\\N".into());
+    let ts = |ms: i64| Timestamp(ms).to_rfc3339().unwrap_or_default();
+    for e in events {
+        let fields = [
+            esc(client_id),
+            esc(&e.event_id),
+            "00000000-0000-4000-8000-000000000000".to_owned(),
+            "bench".to_owned(),
+            ts(e.timestamp.unwrap_or(facts.received_at).millis()),
+            ts(facts.received_at.millis()),
+            e.kind.as_str().to_owned(),
+            opt(e.name.as_deref()),
+            opt(e.message.as_deref()),
+            opt(e.level.map(|l| l.as_str())),
+            opt(e.user_id.as_deref()),
+            opt(e.anonymous_id.as_deref()),
+            opt(e.session_id.as_deref()),
+            esc(&serde_json::Value::Object(e.properties.clone()).to_string()),
+            esc(&serde_json::to_string(&e.context)?),
+            opt(e.context.app_version.as_deref()),
+            opt(e.context.platform.as_deref()),
+            opt(e.trace_id.as_deref()),
+            opt(e.span_id.as_deref()),
+            e.seq.map(|s| s.to_string()).unwrap_or_else(|| "\\N".into()),
+            e.priority.as_str().to_owned(),
+            opt(facts.client_ip.as_deref()),
+            opt(facts.user_agent.as_deref()),
+            opt(facts.pop.as_deref()),
+            opt(facts.country_hint.as_deref()),
+        ];
+        text.push_str(&fields.join("\t"));
+        text.push('\n');
+    }
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {table} (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, message, level, user_id, \
+             anonymous_id, session_id, properties, context, app_version, platform, trace_id, span_id, seq, priority, \
+             client_ip, user_agent, pop, country) FROM STDIN"
+        ))
+        .await?;
+    copy.send(text.as_bytes()).await?;
+    let rows = copy.finish().await?;
+    let secs = started.elapsed().as_secs_f64();
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut conn)
+        .await?;
+    anyhow::ensure!(
+        rows as usize == events.len(),
+        "COPY wrote {rows} of {} rows",
+        events.len()
+    );
+    Ok(events.len() as f64 / secs)
+}
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+impl BenchReport {
+    /// Human-readable summary.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "ingest: {} frames, {} events in {:.2} s = {:.0} events/s\nlatency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\n",
+            self.frames_ok,
+            self.events_ok,
+            self.ingest_secs,
+            self.ingest_events_per_sec,
+            self.latency_ms.p50,
+            self.latency_ms.p95,
+            self.latency_ms.p99,
+            self.latency_ms.max
+        );
+        if !self.errors.is_empty() {
+            s.push_str(&format!("errors by code: {:?}\n", self.errors));
+        }
+        if let (Some(t), Some(r)) = (self.end_to_end_secs, self.end_to_end_events_per_sec) {
+            s.push_str(&format!(
+                "end to end into PostgreSQL: {t:.2} s = {r:.0} events/s\n"
+            ));
+        }
+        if let Some(b) = self.baseline_copy_events_per_sec {
+            s.push_str(&format!("raw COPY baseline: {b:.0} events/s\n"));
+        }
+        if let Some(r) = self.ratio_to_copy {
+            s.push_str(&format!("ratio end-to-end / COPY: {r:.2}\n"));
+        }
+        if let Some(m) = self.server_peak_rss_mib {
+            s.push_str(&format!("server peak RSS: {m:.1} MiB\n"));
+        }
+        s
+    }
+}
