@@ -151,7 +151,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         };
         frames.push(Bytes::from(frame::encode(&meta, &batch, &opts.key)?));
         if opts.baseline_postgres.is_some() {
-            all_events.extend(batch.events.drain(..));
+            all_events.append(&mut batch.events);
         }
     }
 
