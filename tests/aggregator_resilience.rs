@@ -324,7 +324,7 @@ async fn high_priority_batches_are_delivered_first_from_a_backlog() {
     let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
     let backlog = config(&dead_pg, &redis)
         .replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n")
-        + "max_batches_per_write = 1\n";
+        + "max_batches_per_write = 1\nworkers_per_sink = 1\n";
     let mut agg = Aggregator::start(&backlog).await;
     for tag in 0..5 {
         assert_eq!(

@@ -75,18 +75,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
     let mut workers = Vec::new();
     if let Some(pg) = &postgres {
-        workers.push(tokio::spawn(delivery::run(
-            pg.clone(),
-            ctx.clone(),
-            stop_rx.clone(),
-        )));
+        workers.extend(delivery::spawn(pg, &ctx, &stop_rx));
     }
     if let Some(influx) = &influx {
-        workers.push(tokio::spawn(delivery::run(
-            influx.clone(),
-            ctx.clone(),
-            stop_rx.clone(),
-        )));
+        workers.extend(delivery::spawn(influx, &ctx, &stop_rx));
     }
 
     let state = Arc::new(AppState {

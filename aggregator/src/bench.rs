@@ -143,6 +143,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let mut all_events = Vec::new();
     for f in 0..opts.frames {
         batch.events = events_for(run_id, f, opts.events_per_frame, now);
+        // Many distinct public addresses, so GeoIP does real lookups.
+        batch.facts.client_ip = Some(format!(
+            "{}.{}.{}.{}",
+            81 + f % 3,
+            (f / 3) % 200,
+            (f / 600) % 200,
+            1 + f % 250
+        ));
         let meta = FrameMeta {
             edge_id: "bench",
             batch_id: BatchId(fastrand::u128(..).to_be_bytes()),
@@ -359,7 +367,7 @@ async fn copy_baseline(
             opt(e.user_id.as_deref()),
             opt(e.anonymous_id.as_deref()),
             opt(e.session_id.as_deref()),
-            esc(&serde_json::Value::Object(e.properties.clone()).to_string()),
+            esc(&serde_json::to_string(&e.properties)?),
             esc(&serde_json::to_string(&e.context)?),
             opt(e.context.app_version.as_deref()),
             opt(e.context.platform.as_deref()),

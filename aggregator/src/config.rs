@@ -103,6 +103,8 @@ pub struct DeliveryConfig {
     pub backoff_max_ms: u64,
     /// Most spooled batches a sink takes in one write.
     pub max_batches_per_write: u32,
+    /// Concurrent writers per sink (each takes its own share of the backlog).
+    pub workers_per_sink: u32,
 }
 
 impl Default for DeliveryConfig {
@@ -111,6 +113,7 @@ impl Default for DeliveryConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 30_000,
             max_batches_per_write: 32,
+            workers_per_sink: 2,
         }
     }
 }

@@ -64,11 +64,26 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs one sink's worker until `stop` turns true and nothing is due.
+/// Starts `delivery.workers_per_sink` workers for a sink.
+pub fn spawn<S: Sink + Clone>(
+    sink: &S,
+    ctx: &Arc<DeliveryContext>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let parts = ctx.config.workers_per_sink.max(1);
+    (0..parts)
+        .map(|part| tokio::spawn(run(sink.clone(), ctx.clone(), stop.clone(), part, parts)))
+        .collect()
+}
+
+/// Runs one worker of a sink, for the batches whose sequence number is
+/// `part` modulo `parts`, until `stop` turns true and nothing is due.
 pub async fn run<S: Sink>(
     sink: S,
-    ctx: std::sync::Arc<DeliveryContext>,
+    ctx: Arc<DeliveryContext>,
     mut stop: watch::Receiver<bool>,
+    part: u32,
+    parts: u32,
 ) {
     let name = sink.name();
     let label = SinkLabel { sink: name };
@@ -85,17 +100,23 @@ pub async fn run<S: Sink>(
     };
     loop {
         let stopping = *stop.borrow();
-        let due = match ctx.spool.due(name, ctx.config.max_batches_per_write).await {
+        let due = match ctx
+            .spool
+            .due(name, ctx.config.max_batches_per_write, part, parts)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(sink = name, error = %e, "reading the spool failed");
                 Vec::new()
             }
         };
-        if let Ok(oldest) = ctx.spool.oldest_pending_ms(name).await {
-            let lag = oldest.map_or(0, |t| (now_ms() - t).max(0) / 1000);
-            ctx.metrics.sink_lag_seconds.get_or_create(&label).set(lag);
-        }
+        // The lowest sequence numbers are the oldest batches, and `due`
+        // hands them out first (after high priority): the oldest of `due`
+        // is the sink's lag, without a scan of the whole backlog.
+        let oldest = due.iter().map(|p| p.received_at_ms).min();
+        let lag = oldest.map_or(0, |t| (now_ms() - t).max(0) / 1000);
+        ctx.metrics.sink_lag_seconds.get_or_create(&label).set(lag);
         if due.is_empty() {
             if stopping {
                 return;

@@ -4,6 +4,12 @@
 
 use std::io::Read as _;
 
+// The aggregator allocates many small, short-lived objects per event
+// (decoding, JSON, line protocol); glibc malloc spent ~40 % of its CPU on
+// them under `outpost bench` (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use outpost_shared::auth::signature;

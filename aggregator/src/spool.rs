@@ -270,12 +270,22 @@ impl Spool {
     }
 
     /// Up to `limit` batches `sink` may write now, high priority first.
-    pub async fn due(&self, sink: &str, limit: u32) -> Result<Vec<Pending>, sqlx::Error> {
+    /// `part` of `parts` splits a sink's backlog between its workers by
+    /// sequence number, so that they never take the same batch.
+    pub async fn due(
+        &self,
+        sink: &str,
+        limit: u32,
+        part: u32,
+        parts: u32,
+    ) -> Result<Vec<Pending>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT p.seq, s.frame, s.received_at_ms FROM pending p JOIN spool s ON s.seq = p.seq \
-             WHERE p.sink = ? ORDER BY p.priority DESC, p.seq LIMIT ?",
+             WHERE p.sink = ? AND p.seq % ? = ? ORDER BY p.priority DESC, p.seq LIMIT ?",
         )
         .bind(sink)
+        .bind(i64::from(parts.max(1)))
+        .bind(i64::from(part))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
@@ -335,17 +345,6 @@ impl Spool {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// Received-at of the oldest batch `sink` has yet to write.
-    pub async fn oldest_pending_ms(&self, sink: &str) -> Result<Option<i64>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT MIN(s.received_at_ms) FROM pending p JOIN spool s ON s.seq = p.seq WHERE p.sink = ?",
-        )
-        .bind(sink)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.get(0))
     }
 
     /// Whether the spool answers a trivial query (readiness).

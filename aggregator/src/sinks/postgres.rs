@@ -154,6 +154,7 @@ struct Columns {
     time_zone: Vec<Option<String>>,
     asn: Vec<Option<i64>>,
     as_org: Vec<Option<String>>,
+    last_batch: Option<outpost_shared::frame::BatchId>,
 }
 
 impl Columns {
@@ -161,7 +162,17 @@ impl Columns {
         let e = r.event;
         self.client_id.push(r.client_id.to_owned());
         self.event_id.push(e.event_id.clone());
-        self.batch_id.push(r.batch_id.to_string());
+        // Rows of one batch are adjacent: format its id once.
+        match self.batch_id.last() {
+            Some(prev) if self.last_batch == Some(*r.batch_id) => {
+                let prev = prev.clone();
+                self.batch_id.push(prev);
+            }
+            _ => {
+                self.batch_id.push(r.batch_id.to_string());
+                self.last_batch = Some(*r.batch_id);
+            }
+        }
         self.edge_id.push(r.edge_id.to_owned());
         self.ts
             .push(e.timestamp.unwrap_or(r.facts.received_at).millis());
@@ -174,7 +185,7 @@ impl Columns {
         self.anonymous_id.push(e.anonymous_id.clone());
         self.session_id.push(e.session_id.clone());
         self.properties
-            .push(serde_json::Value::Object(e.properties.clone()).to_string());
+            .push(serde_json::to_string(&e.properties).unwrap_or_else(|_| "{}".into()));
         self.context
             .push(serde_json::to_string(&e.context).unwrap_or_else(|_| "{}".into()));
         self.app_version.push(e.context.app_version.clone());
