@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use crate::clients::ClientStore;
 use crate::config::Config;
 use crate::dedup::Dedup;
 use crate::delivery::{self, DeliveryContext};
@@ -89,6 +90,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         registry,
         dedup,
+        clients: postgres
+            .as_ref()
+            .map(|pg| ClientStore::new(pg.pool().clone())),
         postgres,
         influx,
         retry_after_secs: config.server.retry_after_secs,

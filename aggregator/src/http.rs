@@ -17,6 +17,7 @@ use outpost_shared::validate::{Limits, validate_event};
 use outpost_shared::{ErrorCode, ErrorEnvelope, FieldError};
 use prometheus_client::registry::Registry;
 
+use crate::clients::{ClientStore, verify_edge_request};
 use crate::dedup::Dedup;
 use crate::delivery::now_ms;
 use crate::sinks::Sink as _;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub dedup: Arc<Dedup>,
     /// The PostgreSQL sink, when enabled (for readiness).
     pub postgres: Option<PostgresSink>,
+    /// Client records, when PostgreSQL is configured.
+    pub clients: Option<ClientStore>,
     /// The InfluxDB sink, when enabled (for readiness).
     pub influx: Option<InfluxSink>,
     /// `Retry-After` on `503`.
@@ -60,6 +63,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/ingest", post(ingest))
+        .route("/internal/v1/clients/{id}", get(client_record))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -239,6 +243,69 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
         (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
         id,
     ))
+}
+
+async fn client_record(
+    State(app): State<Arc<AppState>>,
+    axum::extract::Path(client_id): axum::extract::Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    // Headers, not the whole request: the body type is not `Sync`, and the
+    // borrowed header values live across the lookup's await.
+    let id = request_id(&headers);
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(key_id), Some(timestamp), Some(sig)) = (
+        header(outpost_shared::auth::signature::HEADER_KEY),
+        header(outpost_shared::auth::signature::HEADER_TIMESTAMP),
+        header(outpost_shared::auth::signature::HEADER_SIGNATURE),
+    ) else {
+        return error_response(
+            ErrorCode::MissingCredentials,
+            Some("sign with an edge key".into()),
+            &id,
+            None,
+        );
+    };
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let signed = outpost_shared::auth::signature::SignedRequest {
+        method: method.as_str(),
+        path_and_query: path,
+        timestamp,
+        nonce: header(outpost_shared::auth::signature::HEADER_NONCE),
+        body: b"",
+        signature: sig,
+    };
+    if let Err(code) = verify_edge_request(&app.ring, &signed, key_id, now_ms() / 1000) {
+        return error_response(code, None, &id, None);
+    }
+    let Some(store) = &app.clients else {
+        return error_response(
+            ErrorCode::DependencyUnavailable,
+            Some("no client store is configured".into()),
+            &id,
+            Some(app.retry_after_secs),
+        );
+    };
+    match store.get(&client_id).await {
+        Ok(Some(record)) => with_request_id(axum::Json(record).into_response(), &id),
+        Ok(None) => error_response(
+            ErrorCode::ClientNotFound,
+            Some(format!("no client {client_id:?}")),
+            &id,
+            None,
+        ),
+        Err(e) => {
+            tracing::warn!(request_id = %id, error = %e, "client lookup failed");
+            error_response(
+                ErrorCode::DependencyUnavailable,
+                Some("client store unavailable".into()),
+                &id,
+                Some(app.retry_after_secs),
+            )
+        }
+    }
 }
 
 async fn live() -> Response {

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod clients;
 pub mod config;
 pub mod dedup;
 pub mod delivery;

@@ -121,6 +121,8 @@ error_codes! {
     // 404xx and 405xx: no such endpoint.
     /// No endpoint at this path.
     NotFound = 40401, "not_found", "there is no endpoint at this path";
+    /// No client record has this id (the edge caches this answer).
+    ClientNotFound = 40402, "client_not_found", "there is no client with this id";
     /// The endpoint exists but not for this method.
     MethodNotAllowed = 40501, "method_not_allowed", "the endpoint does not take this method";
 

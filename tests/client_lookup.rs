@@ -1,0 +1,120 @@
+//! `GET /internal/v1/clients/{id}`: the edge's view of client records,
+//! signed with an edge key, served by the real aggregator from PostgreSQL.
+
+use outpost_shared::auth::permission::Permissions;
+use outpost_shared::auth::signature;
+use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial, Secret};
+use outpost_tests::aggregator::{Aggregator, EDGE_KEY_ID, EDGE_SECRET};
+use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use serde_json::Value;
+
+fn record() -> ClientRecord {
+    ClientRecord {
+        id: "acme-server".into(),
+        name: "Acme backend".into(),
+        method: AuthMethod::Hmac,
+        credentials: vec![Credential {
+            key: KeyMaterial::HmacSecret {
+                secret: Secret::new(b"client-secret".to_vec()),
+            },
+            not_after: None,
+        }],
+        jwt: None,
+        permissions: Permissions::parse(["write:events"]).unwrap(),
+        rate_limit: None,
+        ip_rate_limit: None,
+        allowed_origins: vec![],
+        active: true,
+        expires_at: None,
+    }
+}
+
+async fn get(agg: &Aggregator, path: &str, key: &str, secret: &[u8], ts: i64) -> reqwest::Response {
+    let sig = signature::sign(secret, "GET", path, ts, None, b"");
+    reqwest::Client::new()
+        .get(format!("{}{path}", agg.url))
+        .header("x-outpost-key", key)
+        .header("x-outpost-timestamp", ts.to_string())
+        .header("x-outpost-signature", sig)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn code(resp: reqwest::Response) -> (u16, u64) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    (status, body["code"].as_u64().unwrap_or(0))
+}
+
+#[tokio::test]
+async fn an_edge_reads_client_records_with_its_signed_key_and_nothing_else_does() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&format!(
+        "[postgres]\nurl = \"{}\"\n\n[dedup]\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n",
+        db.url,
+        redis_url(),
+        redis.prefix
+    ))
+    .await;
+    let rec = record();
+    sqlx::query("INSERT INTO clients (id, record) VALUES ($1, $2)")
+        .bind(&rec.id)
+        .bind(sqlx::types::Json(&rec))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let path = "/internal/v1/clients/acme-server";
+    let ok = get(&agg, path, EDGE_KEY_ID, EDGE_SECRET, now()).await;
+    assert_eq!(ok.status(), 200);
+    let got: ClientRecord = ok.json().await.unwrap();
+    assert_eq!(got, rec);
+
+    assert_eq!(
+        code(
+            get(
+                &agg,
+                "/internal/v1/clients/nobody",
+                EDGE_KEY_ID,
+                EDGE_SECRET,
+                now()
+            )
+            .await
+        )
+        .await,
+        (404, 40402)
+    );
+    assert_eq!(
+        code(get(&agg, path, EDGE_KEY_ID, b"not-the-edge-secret", now()).await).await,
+        (401, 40103)
+    );
+    assert_eq!(
+        code(get(&agg, path, "other-edge", EDGE_SECRET, now()).await).await,
+        (401, 40103)
+    );
+    assert_eq!(
+        code(get(&agg, path, EDGE_KEY_ID, EDGE_SECRET, now() - 600).await).await,
+        (401, 40104)
+    );
+    // A signature for one client's path does not open another's.
+    let sig = signature::sign(EDGE_SECRET, "GET", path, now(), None, b"");
+    let other = reqwest::Client::new()
+        .get(format!("{}/internal/v1/clients/nobody", agg.url))
+        .header("x-outpost-key", EDGE_KEY_ID)
+        .header("x-outpost-timestamp", now().to_string())
+        .header("x-outpost-signature", sig)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(code(other).await, (401, 40103));
+    let unsigned = reqwest::get(format!("{}{path}", agg.url)).await.unwrap();
+    assert_eq!(code(unsigned).await, (401, 40101));
+}
