@@ -6,19 +6,9 @@ use std::collections::HashSet;
 
 use outpost_shared::client::Secret;
 use outpost_shared::frame::{self, EdgeKey, FrameMeta};
-use outpost_tests::aggregator::{
-    Aggregator, batch_id, events, eventually, frame_for, free_port, now,
-};
-use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for, now};
+use outpost_tests::stores::{TestDb, TestRedis, store_config, store_config_pg_down};
 use serde_json::Value;
-
-fn config(db_url: &str, redis: &TestRedis) -> String {
-    format!(
-        "[postgres]\nurl = \"{db_url}\"\n\n[dedup]\nbackend = \"redis\"\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n",
-        redis_url(),
-        redis.prefix
-    )
-}
 
 async fn error_of(resp: reqwest::Response) -> (u16, u64, bool) {
     let status = resp.status().as_u16();
@@ -118,14 +108,12 @@ async fn bad_frames_get_their_documented_codes() {
 async fn a_full_spool_sheds_load_with_503_and_retry_after() {
     let redis = TestRedis::new();
     // PostgreSQL that does not answer: nothing drains, so the spool fills.
-    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
+    let (pg_down, _) = store_config_pg_down(&redis);
     let first = frame_for("acme-web", events(3, 0..20), batch_id());
     let bound = first.len() + first.len() / 2;
-    let agg = Aggregator::start_with_env(
-        &config(&dead_pg, &redis).replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n"),
-        &[("OUTPOST_SPOOL_MAX_BYTES", &bound.to_string())],
-    )
-    .await;
+    let agg =
+        Aggregator::start_with_env(&pg_down, &[("OUTPOST_SPOOL_MAX_BYTES", &bound.to_string())])
+            .await;
     assert_eq!(agg.ingest(first).await.status(), 202);
     let resp = agg
         .ingest(frame_for("acme-web", events(3, 20..40), batch_id()))
@@ -156,11 +144,8 @@ async fn postgres_unreachable_at_first_then_back_delivers_everything_spooled() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     // Start against a port where nothing listens, spool some batches, then
     // restart against the real database: the spool survives and drains.
-    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
-    let mut agg = Aggregator::start(
-        &config(&dead_pg, &redis).replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n"),
-    )
-    .await;
+    let (pg_down, dead_pg) = store_config_pg_down(&redis);
+    let mut agg = Aggregator::start(&pg_down).await;
     for tag in 0..5 {
         assert_eq!(
             agg.ingest(frame_for("acme-web", events(20 + tag, 0..10), batch_id()))
@@ -175,12 +160,10 @@ async fn postgres_unreachable_at_first_then_back_delivers_everything_spooled() {
     .await;
     assert!(agg.metric("outpost_spool_batches").await >= 5.0);
     agg.terminate();
-    let config_path = agg.dir.join("outpost.toml");
-    let text = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace(&dead_pg, &db.url)
-        .replace("migrate_on_start = false\n", "");
-    std::fs::write(&config_path, text).unwrap();
+    agg.edit_config(|c| {
+        c.replace(&dead_pg, &db.url)
+            .replace("migrate_on_start = false\n", "")
+    });
     agg.spawn().await;
     eventually(20, "all 50 rows", || async {
         db.count_events("acme-web").await == 50
@@ -195,7 +178,7 @@ async fn postgres_unreachable_at_first_then_back_delivers_everything_spooled() {
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_event() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let mut agg = Aggregator::start(&config(&db.url, &redis)).await;
+    let mut agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     let mut acked: HashSet<String> = HashSet::new();
     let client_id = "acme-web";
     // Send concurrently so the kill lands with requests and deliveries in flight.
@@ -255,7 +238,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
 #[tokio::test]
 async fn sigterm_drains_and_exits_cleanly() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let mut agg = Aggregator::start(&config(&db.url, &redis)).await;
+    let mut agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     for tag in 0..3 {
         assert_eq!(
             agg.ingest(frame_for("acme-web", events(50 + tag, 0..10), batch_id()))
@@ -273,7 +256,7 @@ async fn sigterm_drains_and_exits_cleanly() {
 #[tokio::test]
 async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&config(&db.url, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     // Something PostgreSQL refuses for the data (SQLSTATE 23514), which
     // validation cannot know about: a constraint an operator added.
     sqlx::query(
@@ -321,10 +304,8 @@ async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
 #[tokio::test]
 async fn high_priority_batches_are_delivered_first_from_a_backlog() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let dead_pg = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
-    let backlog = config(&dead_pg, &redis)
-        .replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n")
-        + "max_batches_per_write = 1\nworkers_per_sink = 1\n";
+    let (pg_down, dead_pg) = store_config_pg_down(&redis);
+    let backlog = pg_down + "max_batches_per_write = 1\nworkers_per_sink = 1\n";
     let mut agg = Aggregator::start(&backlog).await;
     for tag in 0..5 {
         assert_eq!(
@@ -345,12 +326,10 @@ async fn high_priority_batches_are_delivered_first_from_a_backlog() {
         202
     );
     agg.terminate();
-    let config_path = agg.dir.join("outpost.toml");
-    let text = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace(&dead_pg, &db.url)
-        .replace("migrate_on_start = false\n", "");
-    std::fs::write(&config_path, text).unwrap();
+    agg.edit_config(|c| {
+        c.replace(&dead_pg, &db.url)
+            .replace("migrate_on_start = false\n", "")
+    });
     agg.spawn().await;
     eventually(20, "18 rows", || async {
         db.count_events("acme-web").await == 18

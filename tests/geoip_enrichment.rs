@@ -6,7 +6,16 @@ use std::process::Command;
 
 use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for};
 use outpost_tests::geo::{CityEntry, write_asn_db, write_atomically, write_city_db};
-use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use outpost_tests::stores::{TestDb, TestRedis, store_config};
+
+fn config(db: &TestDb, redis: &TestRedis, geo_dir: &std::path::Path) -> String {
+    format!(
+        "{}\n[geoip]\ncity_db = \"{}\"\nasn_db = \"{}\"\nreload_check_secs = 1\n",
+        store_config(&db.url, redis),
+        geo_dir.join("city.mmdb").display(),
+        geo_dir.join("asn.mmdb").display()
+    )
+}
 
 const ZURICH: CityEntry<'static> = CityEntry {
     net: "203.0.113.0/24",
@@ -16,17 +25,6 @@ const ZURICH: CityEntry<'static> = CityEntry {
     location: (47.3769, 8.5417),
     time_zone: "Europe/Zurich",
 };
-
-fn config(db: &TestDb, redis: &TestRedis, geo_dir: &std::path::Path) -> String {
-    format!(
-        "[postgres]\nurl = \"{}\"\n\n[dedup]\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[geoip]\ncity_db = \"{}\"\nasn_db = \"{}\"\nreload_check_secs = 1\n",
-        db.url,
-        redis_url(),
-        redis.prefix,
-        geo_dir.join("city.mmdb").display(),
-        geo_dir.join("asn.mmdb").display()
-    )
-}
 
 type GeoRow = (
     Option<String>,

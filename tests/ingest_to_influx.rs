@@ -4,17 +4,15 @@
 
 use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for, free_port};
 use outpost_tests::influx::InfluxServer;
-use outpost_tests::stores::{TestDb, TestRedis, redis_url};
-use serde_json::Value;
+use outpost_tests::stores::{TestDb, TestRedis, store_config};
 
 fn config(db: &TestDb, redis: &TestRedis, influx: &str) -> String {
     format!(
-        "[postgres]\nurl = \"{}\"\n\n[dedup]\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n\n[influxdb]\nenabled = true\n{influx}\n",
-        db.url,
-        redis_url(),
-        redis.prefix
+        "{}\n[influxdb]\nenabled = true\n{influx}\n",
+        store_config(&db.url, redis)
     )
 }
+use serde_json::Value;
 
 #[tokio::test]
 async fn frames_become_points_in_influxdb_1x_through_the_v1_api_and_rows_in_postgres() {

@@ -3,22 +3,13 @@
 
 use outpost_shared::frame::BatchId;
 use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for};
-use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use outpost_tests::stores::{TestDb, TestRedis, store_config};
 use serde_json::Value;
-
-fn config(db: &TestDb, redis: &TestRedis) -> String {
-    format!(
-        "[postgres]\nurl = \"{}\"\n\n[dedup]\nbackend = \"redis\"\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n",
-        db.url,
-        redis_url(),
-        redis.prefix
-    )
-}
 
 #[tokio::test]
 async fn acknowledged_frames_become_rows_with_every_field() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
 
     for tag in 1..=3 {
         let resp = agg
@@ -74,7 +65,7 @@ async fn acknowledged_frames_become_rows_with_every_field() {
 #[tokio::test]
 async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
 
     assert_eq!(
         agg.ingest(frame_for("acme-web", events(7, 0..10), batch_id()))
@@ -133,7 +124,7 @@ async fn a_replayed_batch_whose_ids_it_already_claimed_is_not_lost() {
             .await
             .unwrap();
     }
-    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     assert_eq!(
         agg.ingest(frame_for("acme-web", events(9, 0..4), batch))
             .await
@@ -162,7 +153,7 @@ async fn a_replayed_batch_whose_ids_it_already_claimed_is_not_lost() {
 #[tokio::test]
 async fn invalid_events_in_a_frame_are_reported_and_not_stored() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     let mut evs = events(11, 0..3);
     evs[1].name = None; // an event without a name
     let resp = agg.ingest(frame_for("acme-web", evs, batch_id())).await;
@@ -225,7 +216,7 @@ async fn redis_down_fails_open_and_postgres_still_drops_duplicates() {
 #[tokio::test]
 async fn the_readme_metrics_table_is_what_metrics_exports() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     assert_eq!(
         agg.ingest(frame_for("acme-web", events(31, 0..2), batch_id()))
             .await
@@ -273,7 +264,7 @@ async fn the_readme_metrics_table_is_what_metrics_exports() {
 #[tokio::test]
 async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&config(&db, &redis)).await;
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     let secret = {
         use base64::Engine as _;
         base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -116,6 +116,12 @@ impl Aggregator {
         }
     }
 
+    /// Edits the config file (for the next [`Aggregator::spawn`]).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

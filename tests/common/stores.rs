@@ -15,6 +15,30 @@ pub fn redis_url() -> String {
     std::env::var("OUTPOST_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The config sections every storage-backed test shares: its own database
+/// and Redis prefix, and short retry delays so recovery is quick.
+pub fn store_config(db_url: &str, redis: &TestRedis) -> String {
+    format!(
+        "[postgres]\nurl = \"{db_url}\"\n\n[dedup]\nbackend = \"redis\"\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n\n[delivery]\nbackoff_initial_ms = 50\nbackoff_max_ms = 500\n",
+        redis_url(),
+        redis.prefix
+    )
+}
+
+/// The same, with PostgreSQL unreachable (a port where nothing listens) and
+/// migrations off: a sink that is down from the start.
+pub fn store_config_pg_down(redis: &TestRedis) -> (String, String) {
+    let dead = format!(
+        "postgres://postgres@127.0.0.1:{}/none",
+        crate::aggregator::free_port()
+    );
+    (
+        store_config(&dead, redis)
+            .replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n"),
+        dead,
+    )
+}
+
 /// A short random name part, unique enough for concurrent test runs.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}_{:08x}", std::process::id(), fastrand::u32(..))
