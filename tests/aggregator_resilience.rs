@@ -342,3 +342,62 @@ async fn high_priority_batches_are_delivered_first_from_a_backlog() {
         .unwrap();
     assert_eq!(first, ["high", "high", "high"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_load_then_back_loses_nothing_and_ingest_never_stops() {
+    let redis = TestRedis::new();
+    let pg = outpost_tests::stores::PrivatePostgres::start();
+    let agg = Aggregator::start(&store_config(&pg.url(), &redis)).await;
+    let url = agg.url.clone();
+    // Load for the whole outage: frames every 20 ms from one sender.
+    let sender = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let (mut acked, mut refused) = (Vec::new(), 0);
+        for tag in 0..150u32 {
+            let evs = events(5000 + tag, 0..10);
+            let ids: Vec<String> = evs.iter().map(|e| e.event_id.clone()).collect();
+            let resp = client
+                .post(format!("{url}/v1/ingest"))
+                .header("content-type", "application/vnd.outpost.frame")
+                .body(frame_for("acme-web", evs, batch_id()))
+                .send()
+                .await
+                .unwrap();
+            if resp.status() == 202 {
+                acked.extend(ids)
+            } else {
+                refused += 1
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        (acked, refused)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    tokio::task::block_in_place(|| pg.stop());
+    eventually(10, "the sink notices", || async {
+        agg.metric("outpost_sink_failures_total").await >= 1.0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    tokio::task::block_in_place(|| pg.start_again());
+    let (acked, refused) = sender.await.unwrap();
+    assert_eq!(
+        refused, 0,
+        "ingest must keep acknowledging while PostgreSQL is away"
+    );
+    assert_eq!(acked.len(), 1500);
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    eventually(30, "every acknowledged event stored once", || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(DISTINCT event_id) FROM events")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0)
+            == 1500
+    })
+    .await;
+    let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(total, 1500, "no event stored twice");
+}

@@ -172,3 +172,119 @@ impl Drop for TestRedis {
         });
     }
 }
+
+/// A PostgreSQL server of the test's own (initdb in a temp dir, its own
+/// port), which the test may stop and start: for "the database went away
+/// under load". Runs as the `postgres` user (PostgreSQL refuses root).
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    /// Its port.
+    pub port: u16,
+}
+
+impl PrivatePostgres {
+    /// initdb + start; the database `outpost` exists.
+    pub fn start() -> PrivatePostgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("bin"))
+                    .filter(|p| p.join("initdb").exists())
+                    .max()
+            })
+            .expect(
+                "PostgreSQL server binaries under /usr/lib/postgresql (scripts/test installs them)",
+            );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = crate::aggregator::free_port();
+        let as_postgres = |args: &[&str]| {
+            let out = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .output()
+                .expect("runuser");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status();
+        let data_s = data.display().to_string();
+        as_postgres(&[
+            &bin.join("initdb").display().to_string(),
+            "-D",
+            &data_s,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ]);
+        let pg = PrivatePostgres { dir, bin, port };
+        pg.start_again();
+        as_postgres(&[
+            &pg.bin.join("createdb").display().to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "outpost",
+        ]);
+        pg
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> bool {
+        let data = self.dir.path().join("data").display().to_string();
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &data, "-w", "-t", "30"])
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Starts the stopped server.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("pg.log").display().to_string();
+        assert!(
+            self.pg_ctl(&["-o", &opts, "-l", &log, "start"]),
+            "private PostgreSQL did not start"
+        );
+    }
+
+    /// Stops the server (fast: open connections are cut).
+    pub fn stop(&self) {
+        assert!(
+            self.pg_ctl(&["-m", "fast", "stop"]),
+            "private PostgreSQL did not stop"
+        );
+    }
+
+    /// URL of its `outpost` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/outpost", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+}
