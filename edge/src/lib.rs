@@ -1,14 +1,16 @@
 //! The platform-neutral Outpost edge: everything an edge adapter needs that
-//! is not itself a platform API. The adapters (Cloudflare Workers, Spin) and
-//! the request pipeline that ties these pieces together are built on top;
-//! see ARCHITECTURE.md.
+//! is not itself a platform API. The adapters (Cloudflare Workers, Spin, the
+//! local wasmtime host) are thin layers on top; see ARCHITECTURE.md.
 //!
 //! * [`net`]: which address is the client's (trusted proxies), and the
 //!   IP/CIDR block list;
 //! * [`body`]: request bodies — content types, `Content-Encoding: gzip`
-//!   decoded with a bound on the decompressed size.
+//!   decoded with a bound on the decompressed size;
+//! * [`pipeline`]: the request flow over the `Kv`, `Upstream` and `EdgeEnv`
+//!   seams — what every adapter runs.
 
 pub mod body;
 pub mod net;
+pub mod pipeline;
 
 pub use outpost_shared as shared;
