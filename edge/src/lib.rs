@@ -6,10 +6,13 @@
 //!   IP/CIDR block list;
 //! * [`body`]: request bodies — content types, `Content-Encoding: gzip`
 //!   decoded with a bound on the decompressed size;
+//! * [`kv_cache`]: a per-instance cache that keeps KV writes within a
+//!   platform's limits (Cloudflare: one write per key per second, 60 s TTL);
 //! * [`pipeline`]: the request flow over the `Kv`, `Upstream` and `EdgeEnv`
 //!   seams — what every adapter runs.
 
 pub mod body;
+pub mod kv_cache;
 pub mod net;
 pub mod pipeline;
 
