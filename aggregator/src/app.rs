@@ -93,6 +93,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         clients: postgres
             .as_ref()
             .map(|pg| ClientStore::new(pg.pool().clone())),
+        // Cursors are signed with a key derived from the first edge key:
+        // rotating it invalidates outstanding cursors, nothing else.
+        cursor_key: crate::query::CursorKey::derive(
+            config
+                .edge_keys
+                .first()
+                .map(|k| k.secret.expose())
+                .unwrap_or_default(),
+        ),
         postgres,
         influx,
         retry_after_secs: config.server.retry_after_secs,

@@ -51,6 +51,8 @@ pub struct AppState {
     pub postgres: Option<PostgresSink>,
     /// Client records, when PostgreSQL is configured.
     pub clients: Option<ClientStore>,
+    /// Signs query cursors.
+    pub cursor_key: crate::query::CursorKey,
     /// The InfluxDB sink, when enabled (for readiness).
     pub influx: Option<InfluxSink>,
     /// `Retry-After` on `503`.
@@ -64,6 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/ingest", post(ingest))
         .route("/internal/v1/clients/{id}", get(client_record))
+        .route("/v1/events", get(list_events))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -304,6 +307,51 @@ async fn client_record(
                 &id,
                 Some(app.retry_after_secs),
             )
+        }
+    }
+}
+
+async fn list_events(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Response {
+    let id = request_id(&headers);
+    let (Some(store), Some(pg)) = (&app.clients, &app.postgres) else {
+        return error_response(
+            ErrorCode::DependencyUnavailable,
+            Some("the query API needs PostgreSQL".into()),
+            &id,
+            Some(app.retry_after_secs),
+        );
+    };
+    let Ok(axum::extract::Query(params)) = params else {
+        return error_response(
+            ErrorCode::InvalidQueryParameter,
+            Some("the query string does not decode".into()),
+            &id,
+            None,
+        );
+    };
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let result = async {
+        let who = crate::query::caller(store, auth, now_ms()).await?;
+        crate::query::events_page(pg.pool(), &app.cursor_key, &who, &params).await
+    }
+    .await;
+    match result {
+        Ok(mut page) => {
+            page["request_id"] = serde_json::Value::from(id.clone());
+            with_request_id(axum::Json(page).into_response(), &id)
+        }
+        Err(crate::query::QueryError(code, message)) => {
+            let retry = code.is_retryable().then_some(app.retry_after_secs);
+            error_response(code, Some(message), &id, retry)
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod geoip;
 pub mod http;
+pub mod query;
 pub mod sinks;
 pub mod spool;
 pub mod telemetry;

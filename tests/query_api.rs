@@ -1,0 +1,335 @@
+//! `GET /v1/events`: events that went in through the real ingest path come
+//! back out, filtered and paged, only to callers allowed to see them.
+
+use std::collections::HashSet;
+
+use outpost_shared::auth::api_key;
+use outpost_shared::auth::permission::Permissions;
+use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial};
+use outpost_shared::event::Timestamp;
+use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for, now};
+use outpost_tests::stores::{TestDb, TestRedis, store_config};
+use serde_json::Value;
+
+const DAY_MS: i64 = 86_400_000;
+
+fn key(id: &str) -> String {
+    api_key::format(id, id.as_bytes())
+}
+
+async fn add_client(db: &TestDb, id: &str, permissions: &[&str]) {
+    let record = ClientRecord {
+        id: id.into(),
+        name: id.into(),
+        method: AuthMethod::ApiKey,
+        credentials: vec![Credential {
+            key: KeyMaterial::ApiKeyHash {
+                sha256: api_key::hash(&key(id)),
+            },
+            not_after: None,
+        }],
+        jwt: None,
+        permissions: Permissions::parse(permissions.iter().copied()).unwrap(),
+        rate_limit: None,
+        ip_rate_limit: None,
+        allowed_origins: vec![],
+        active: true,
+        expires_at: None,
+    };
+    sqlx::query("INSERT INTO clients (id, record) VALUES ($1, $2)")
+        .bind(id)
+        .bind(sqlx::types::Json(&record))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+struct Fixture {
+    agg: Aggregator,
+    _db: TestDb,
+    _redis: TestRedis,
+    /// (event id, timestamp ms, name) of acme-web's events.
+    acme: Vec<(String, i64, String)>,
+}
+
+async fn fixture() -> Fixture {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
+    add_client(&db, "acme-web", &["write:events", "read:events"]).await;
+    add_client(&db, "other-app", &["write:events", "read:events"]).await;
+    add_client(&db, "ops", &["admin:*"]).await;
+    add_client(&db, "writer", &["write:events"]).await;
+    let base = now().millis();
+    let mut acme = Vec::new();
+    for (client, tags) in [("acme-web", 0..6u32), ("other-app", 6..8u32)] {
+        for tag in tags {
+            let mut evs = events(700 + tag, 0..50);
+            for (i, e) in evs.iter_mut().enumerate() {
+                // Three days, several events per millisecond, two names.
+                e.timestamp = Some(Timestamp(
+                    base - (tag as i64 % 3) * DAY_MS - (i as i64 / 3) * 1000,
+                ));
+                e.name = Some(if i % 4 == 0 { "checkout" } else { "page_view" }.into());
+                if client == "acme-web" {
+                    acme.push((
+                        e.event_id.clone(),
+                        e.timestamp.unwrap().millis(),
+                        e.name.clone().unwrap(),
+                    ));
+                }
+            }
+            assert_eq!(
+                agg.ingest(frame_for(client, evs, batch_id()))
+                    .await
+                    .status(),
+                202
+            );
+        }
+    }
+    eventually(20, "all 400 rows", || async {
+        db.count_events("acme-web").await == 300 && db.count_events("other-app").await == 100
+    })
+    .await;
+    Fixture {
+        agg,
+        _db: db,
+        _redis: redis,
+        acme,
+    }
+}
+
+async fn get(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/events?{query}", f.agg.url))
+        .header("authorization", format!("Bearer {}", key(who)))
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn paging_forward_then_back_visits_every_row_once_in_order() {
+    let f = fixture().await;
+    for order in ["desc", "asc"] {
+        let mut pages = Vec::new();
+        let (status, mut page) = get(&f, "acme-web", &format!("order={order}&limit=37")).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["has_prev"], false);
+        loop {
+            pages.push(ids(&page));
+            if page["has_next"] != true {
+                break;
+            }
+            let next = page["next"].as_str().unwrap().to_owned();
+            page = get(
+                &f,
+                "acme-web",
+                &format!("order={order}&limit=37&cursor={next}"),
+            )
+            .await
+            .1;
+            assert_eq!(page["has_prev"], true);
+        }
+        let all: Vec<String> = pages.concat();
+        assert_eq!(all.len(), 300, "{order}: every row");
+        assert_eq!(
+            all.iter().collect::<HashSet<_>>().len(),
+            300,
+            "{order}: no row twice"
+        );
+        // The order is by timestamp (then insertion).
+        let ts: std::collections::HashMap<&str, i64> =
+            f.acme.iter().map(|(id, t, _)| (id.as_str(), *t)).collect();
+        let times: Vec<i64> = all.iter().map(|id| ts[id.as_str()]).collect();
+        let mut sorted = times.clone();
+        sorted.sort();
+        if order == "desc" {
+            sorted.reverse();
+        }
+        assert_eq!(times, sorted, "{order}: ordered by timestamp");
+        // And back: prev cursors from the last page return the same pages.
+        let mut back = vec![ids(&page)];
+        while page["has_prev"] == true {
+            let prev = page["prev"].as_str().unwrap().to_owned();
+            page = get(
+                &f,
+                "acme-web",
+                &format!("order={order}&limit=37&cursor={prev}"),
+            )
+            .await
+            .1;
+            back.push(ids(&page));
+        }
+        back.reverse();
+        assert_eq!(back, pages, "{order}: backward pages equal forward pages");
+    }
+}
+
+#[tokio::test]
+async fn filters_select_exactly_the_matching_rows() {
+    let f = fixture().await;
+    let day = |ms: i64| chrono_day(ms);
+    let newest = f.acme.iter().map(|e| e.1).max().unwrap();
+    let today = day(newest);
+    let expected = f
+        .acme
+        .iter()
+        .filter(|(_, t, n)| n == "checkout" && day(*t) == today)
+        .count();
+    let (status, page) = get(
+        &f,
+        "acme-web",
+        &format!("name=checkout&from={today}&to={today}&limit=1000"),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["data"].as_array().unwrap().len(), expected);
+    assert!(
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["name"] == "checkout")
+    );
+    let (_, all_checkouts) = get(&f, "acme-web", "name=checkout&limit=1000").await;
+    assert_eq!(
+        all_checkouts["data"].as_array().unwrap().len(),
+        f.acme.iter().filter(|e| e.2 == "checkout").count()
+    );
+}
+
+fn chrono_day(ms: i64) -> String {
+    Timestamp(ms).to_rfc3339().unwrap()[..10].to_owned()
+}
+
+#[tokio::test]
+async fn callers_see_only_what_they_may() {
+    let f = fixture().await;
+    let (_, own) = get(&f, "acme-web", "limit=1000").await;
+    assert!(
+        own["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["client_id"] == "acme-web")
+    );
+    assert_eq!(
+        get(&f, "acme-web", "client_id=other-app").await.1["code"],
+        40301
+    );
+    let (_, everything) = get(&f, "ops", "limit=1000").await;
+    assert_eq!(
+        everything["data"].as_array().unwrap().len(),
+        400,
+        "admin:* sees every client"
+    );
+    let (_, other) = get(&f, "ops", "client_id=other-app&limit=1000").await;
+    assert_eq!(other["data"].as_array().unwrap().len(), 100);
+    let (status, body) = get(&f, "writer", "").await;
+    assert_eq!(
+        (status, body["code"].as_u64()),
+        (403, Some(40301)),
+        "write:events alone cannot read"
+    );
+
+    let anonymous = reqwest::get(format!("{}/v1/events", f.agg.url))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let wrong = reqwest::Client::new()
+        .get(format!("{}/v1/events", f.agg.url))
+        .header(
+            "authorization",
+            format!("Bearer {}", api_key::format("acme-web", b"guess")),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.json::<Value>().await.unwrap()["code"], 40103);
+}
+
+#[tokio::test]
+async fn bad_parameters_and_altered_cursors_are_refused() {
+    let f = fixture().await;
+    let (status, body) = get(&f, "acme-web", "colour=red").await;
+    assert_eq!((status, body["code"].as_u64()), (400, Some(40014)));
+    assert!(body["message"].as_str().unwrap().contains("colour"));
+    assert_eq!(get(&f, "acme-web", "limit=5000").await.1["code"], 40014);
+    assert_eq!(get(&f, "acme-web", "from=last-week").await.1["code"], 40014);
+    let next = get(&f, "acme-web", "limit=10").await.1["next"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut altered = next.clone().into_bytes();
+    altered[5] = if altered[5] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    assert_eq!(
+        get(&f, "acme-web", &format!("limit=10&cursor={altered}"))
+            .await
+            .1["code"],
+        40015
+    );
+    // A cursor belongs to its query: another filter refuses it.
+    assert_eq!(
+        get(
+            &f,
+            "acme-web",
+            &format!("limit=10&name=checkout&cursor={next}")
+        )
+        .await
+        .1["code"],
+        40015
+    );
+    // The same query with another page size keeps it.
+    assert_eq!(
+        get(&f, "acme-web", &format!("limit=20&cursor={next}"))
+            .await
+            .0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn the_readme_query_example_runs() {
+    let f = fixture().await;
+    outpost_tests::require_tool("curl");
+    let example =
+        outpost_tests::fenced_block_after(&outpost_tests::readme(), "example: query-events");
+    let agg_url = f.agg.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&example)
+            .env("OUTPOST_URL", agg_url)
+            .env("OUTPOST_KEY", key("acme-web"))
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data = page["data"].as_array().unwrap();
+    assert!(!data.is_empty(), "{page}");
+    assert!(
+        data.iter()
+            .all(|e| e["name"] == "checkout" && e["client_id"] == "acme-web")
+    );
+}
