@@ -1,33 +1,12 @@
 //! `GET /internal/v1/clients/{id}`: the edge's view of client records,
 //! signed with an edge key, served by the real aggregator from PostgreSQL.
 
-use outpost_shared::auth::permission::Permissions;
+use base64::Engine as _;
 use outpost_shared::auth::signature;
-use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial, Secret};
+use outpost_shared::client::{AuthMethod, ClientRecord};
 use outpost_tests::aggregator::{Aggregator, EDGE_KEY_ID, EDGE_SECRET};
-use outpost_tests::stores::{TestDb, TestRedis, redis_url};
+use outpost_tests::stores::{TestDb, TestRedis, store_config};
 use serde_json::Value;
-
-fn record() -> ClientRecord {
-    ClientRecord {
-        id: "acme-server".into(),
-        name: "Acme backend".into(),
-        method: AuthMethod::Hmac,
-        credentials: vec![Credential {
-            key: KeyMaterial::HmacSecret {
-                secret: Secret::new(b"client-secret".to_vec()),
-            },
-            not_after: None,
-        }],
-        jwt: None,
-        permissions: Permissions::parse(["write:events"]).unwrap(),
-        rate_limit: None,
-        ip_rate_limit: None,
-        allowed_origins: vec![],
-        active: true,
-        expires_at: None,
-    }
-}
 
 async fn get(agg: &Aggregator, path: &str, key: &str, secret: &[u8], ts: i64) -> reqwest::Response {
     let sig = signature::sign(secret, "GET", path, ts, None, b"");
@@ -57,26 +36,49 @@ async fn code(resp: reqwest::Response) -> (u16, u64) {
 #[tokio::test]
 async fn an_edge_reads_client_records_with_its_signed_key_and_nothing_else_does() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&format!(
-        "[postgres]\nurl = \"{}\"\n\n[dedup]\nredis_urls = [\"{}\"]\nkey_prefix = \"{}\"\n",
-        db.url,
-        redis_url(),
-        redis.prefix
-    ))
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([42u8; 32]);
+    let agg = Aggregator::start_with_env(
+        &store_config(&db.url, &redis),
+        &[("OUTPOST_SECRETS_KEY", &key)],
+    )
     .await;
-    let rec = record();
-    sqlx::query("INSERT INTO clients (id, record) VALUES ($1, $2)")
-        .bind(&rec.id)
-        .bind(sqlx::types::Json(&rec))
-        .execute(&db.pool)
-        .await
+    let created = std::process::Command::new(outpost_tests::outpost_bin())
+        .args([
+            "clients",
+            "create",
+            "--name",
+            "Acme backend",
+            "--id",
+            "acme-server",
+            "--method",
+            "hmac",
+            "--json",
+        ])
+        .env("OUTPOST_POSTGRES_URL", &db.url)
+        .env("OUTPOST_SECRETS_KEY", &key)
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(created["secret"].as_str().unwrap())
         .unwrap();
 
     let path = "/internal/v1/clients/acme-server";
     let ok = get(&agg, path, EDGE_KEY_ID, EDGE_SECRET, now()).await;
     assert_eq!(ok.status(), 200);
     let got: ClientRecord = ok.json().await.unwrap();
-    assert_eq!(got, rec);
+    assert_eq!(got.id, "acme-server");
+    assert_eq!(got.method, AuthMethod::Hmac);
+    // The edge receives the secret itself (unsealed), to verify signatures.
+    assert_eq!(
+        got.hmac_secrets(outpost_shared::Timestamp(0)).next(),
+        Some(secret.as_slice())
+    );
 
     assert_eq!(
         code(

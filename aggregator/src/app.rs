@@ -64,6 +64,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let geoip = Arc::new(GeoIp::open(&config.geoip, metrics.clone()));
     geoip.spawn_reloader(Duration::from_secs(config.geoip.reload_check_secs));
 
+    let secrets_key = crate::clients::SecretsKey::from_env()?;
+    if secrets_key.is_none() {
+        tracing::warn!(
+            "OUTPOST_SECRETS_KEY is not set: clients with HMAC or HS256 secrets cannot be served"
+        );
+    }
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(DeliveryContext {
         spool: spool.clone(),
@@ -92,7 +99,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         dedup,
         clients: postgres
             .as_ref()
-            .map(|pg| ClientStore::new(pg.pool().clone())),
+            .map(|pg| ClientStore::new(pg.pool().clone(), secrets_key.clone())),
         // Cursors are signed with a key derived from the first edge key:
         // rotating it invalidates outstanding cursors, nothing else.
         cursor_key: crate::query::CursorKey::derive(

@@ -301,11 +301,12 @@ async fn client_record(
         ),
         Err(e) => {
             tracing::warn!(request_id = %id, error = %e, "client lookup failed");
+            let code = ErrorCode::from(e);
             error_response(
-                ErrorCode::DependencyUnavailable,
+                code,
                 Some("client store unavailable".into()),
                 &id,
-                Some(app.retry_after_secs),
+                code.is_retryable().then_some(app.retry_after_secs),
             )
         }
     }

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod bench;
 pub mod clients;
+pub mod clients_cmd;
 pub mod config;
 pub mod dedup;
 pub mod delivery;

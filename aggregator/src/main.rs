@@ -72,6 +72,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage client records (kept in the aggregator's PostgreSQL).
+    Clients {
+        /// TOML config file (`[postgres]` is used); secrets are sealed with OUTPOST_SECRETS_KEY.
+        #[arg(long, short, env = "OUTPOST_CONFIG", global = true)]
+        config: Option<std::path::PathBuf>,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
     /// Inspect the GeoIP databases.
     Geoip {
         /// TOML config file (`[geoip]` is used).
@@ -118,6 +129,62 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ClientsCommand {
+    /// Create a client; its secret or API key is printed once.
+    Create(outpost_aggregator::clients_cmd::CreateArgs),
+    /// List clients (no key material).
+    List,
+    /// Show one client (no key material).
+    Show {
+        /// Client id.
+        id: String,
+    },
+    /// Stop a client from sending (edges notice within their cache TTL).
+    Revoke {
+        /// Client id.
+        id: String,
+    },
+    /// Let a revoked client send again.
+    Activate {
+        /// Client id.
+        id: String,
+    },
+    /// Issue a new secret or API key; the old one works for the grace period.
+    Rotate {
+        /// Client id.
+        id: String,
+        /// How long the old credential keeps working, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        grace_secs: u64,
+    },
+    /// Delete a client for good.
+    Delete {
+        /// Client id.
+        id: String,
+        /// Yes, really.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the signature headers for a request, with the client's HMAC secret.
+    Sign {
+        /// Client id.
+        id: String,
+        /// HTTP method.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// Path and query.
+        #[arg(long, default_value = "/v1/batch")]
+        path: String,
+        /// Body (default: empty).
+        #[arg(long, default_value = "")]
+        body: String,
+        /// Nonce.
+        #[arg(long)]
+        nonce: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum GeoipCommand {
     /// Which databases are configured and loaded (JSON).
     Status,
@@ -143,6 +210,48 @@ fn read_stdin() -> anyhow::Result<Vec<u8>> {
         .read_to_end(&mut buf)
         .context("reading stdin")?;
     Ok(buf)
+}
+
+/// Human-readable output: one `key: value` line per field, one line per
+/// list entry.
+fn print_text(v: &serde_json::Value) {
+    let scalar = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match v {
+        serde_json::Value::Array(items) => {
+            for i in items {
+                println!(
+                    "{:<24} {:<10} {:<6} {} [{}]",
+                    scalar(&i["id"]),
+                    scalar(&i["method"]),
+                    if i["active"] == true {
+                        "active"
+                    } else {
+                        "REVOKED"
+                    },
+                    scalar(&i["name"]),
+                    i["permissions"]
+                        .as_array()
+                        .map(|p| p.iter().map(scalar).collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                println!("{k}: {}", scalar(v));
+            }
+            if map
+                .keys()
+                .any(|k| k == "secret" || k == "api_key" || k == "jwt_secret")
+            {
+                println!("(store the secret now: it is not shown again)");
+            }
+        }
+        other => println!("{}", scalar(other)),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -194,6 +303,56 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render());
+            }
+        }
+        Command::Clients {
+            config,
+            json,
+            command,
+        } => {
+            use outpost_aggregator::clients_cmd as cmd;
+            let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
+            let out = runtime()?.block_on(async {
+                let pg =
+                    outpost_aggregator::sinks::postgres::PostgresSink::connect(&config.postgres)
+                        .await?;
+                let store = outpost_aggregator::clients::ClientStore::new(
+                    pg.pool().clone(),
+                    outpost_aggregator::clients::SecretsKey::from_env()?,
+                );
+                match command {
+                    ClientsCommand::Create(a) => cmd::create(&store, &a).await,
+                    ClientsCommand::List => cmd::list(&store).await,
+                    ClientsCommand::Show { id } => cmd::show(&store, &id).await,
+                    ClientsCommand::Revoke { id } => cmd::set_active(&store, &id, false).await,
+                    ClientsCommand::Activate { id } => cmd::set_active(&store, &id, true).await,
+                    ClientsCommand::Rotate { id, grace_secs } => {
+                        cmd::rotate(&store, &id, grace_secs).await
+                    }
+                    ClientsCommand::Delete { id, force } => cmd::delete(&store, &id, force).await,
+                    ClientsCommand::Sign {
+                        id,
+                        method,
+                        path,
+                        body,
+                        nonce,
+                    } => {
+                        cmd::sign(
+                            &store,
+                            &id,
+                            &method,
+                            &path,
+                            body.as_bytes(),
+                            nonce.as_deref(),
+                        )
+                        .await
+                    }
+                }
+            })?;
+            if json {
+                println!("{out}");
+            } else {
+                print_text(&out);
             }
         }
         Command::Geoip { config, command } => {

@@ -208,7 +208,10 @@ pub async fn caller(
         store
             .get(&id)
             .await
-            .map_err(|e| QueryError(ErrorCode::DependencyUnavailable, e.to_string()))?
+            .map_err(|e| {
+                let message = e.to_string();
+                QueryError(ErrorCode::from(e), message)
+            })?
             .ok_or_else(unknown)
     };
     let now = Timestamp(now_ms);
