@@ -48,14 +48,19 @@ struct Fixture {
     agg: Aggregator,
     _db: TestDb,
     _redis: TestRedis,
-    /// (event id, timestamp ms, name) of acme-web's events.
-    acme: Vec<(String, i64, String)>,
+    /// (event id, timestamp ms, name, user id) of acme-web's events.
+    acme: Vec<(String, i64, String, String)>,
 }
 
 async fn fixture() -> Fixture {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
-    add_client(&db, "acme-web", &["write:events", "read:events"]).await;
+    add_client(
+        &db,
+        "acme-web",
+        &["write:events", "read:events", "read:stats"],
+    )
+    .await;
     add_client(&db, "other-app", &["write:events", "read:events"]).await;
     add_client(&db, "ops", &["admin:*"]).await;
     add_client(&db, "writer", &["write:events"]).await;
@@ -70,11 +75,13 @@ async fn fixture() -> Fixture {
                     base - (tag as i64 % 3) * DAY_MS - (i as i64 / 3) * 1000,
                 ));
                 e.name = Some(if i % 4 == 0 { "checkout" } else { "page_view" }.into());
+                e.user_id = Some(format!("u{}", i % 7));
                 if client == "acme-web" {
                     acme.push((
                         e.event_id.clone(),
                         e.timestamp.unwrap().millis(),
                         e.name.clone().unwrap(),
+                        format!("u{}", i % 7),
                     ));
                 }
             }
@@ -151,8 +158,11 @@ async fn paging_forward_then_back_visits_every_row_once_in_order() {
             "{order}: no row twice"
         );
         // The order is by timestamp (then insertion).
-        let ts: std::collections::HashMap<&str, i64> =
-            f.acme.iter().map(|(id, t, _)| (id.as_str(), *t)).collect();
+        let ts: std::collections::HashMap<&str, i64> = f
+            .acme
+            .iter()
+            .map(|(id, t, _, _)| (id.as_str(), *t))
+            .collect();
         let times: Vec<i64> = all.iter().map(|id| ts[id.as_str()]).collect();
         let mut sorted = times.clone();
         sorted.sort();
@@ -187,7 +197,7 @@ async fn filters_select_exactly_the_matching_rows() {
     let expected = f
         .acme
         .iter()
-        .filter(|(_, t, n)| n == "checkout" && day(*t) == today)
+        .filter(|(_, t, n, _)| n == "checkout" && day(*t) == today)
         .count();
     let (status, page) = get(
         &f,
@@ -332,4 +342,136 @@ async fn the_readme_query_example_runs() {
         data.iter()
             .all(|e| e["name"] == "checkout" && e["client_id"] == "acme-web")
     );
+}
+
+async fn stats(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/stats?{query}", f.agg.url))
+        .header("authorization", format!("Bearer {}", key(who)))
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn stats_count_events_per_bucket_and_group() {
+    let f = fixture().await;
+    let from = chrono_day(f.acme.iter().map(|e| e.1).min().unwrap());
+    let (status, body) = stats(
+        &f,
+        "acme-web",
+        &format!("bucket=day&group_by=name&from={from}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["bucket"].as_str(), body["group_by"].as_str()),
+        (Some("day"), Some("name"))
+    );
+    let series = body["series"].as_array().unwrap();
+    // Every (day, name) count equals what was sent.
+    for point in series {
+        let day = &point["bucket"].as_str().unwrap()[..10];
+        let name = point["name"].as_str().unwrap();
+        let matching: Vec<_> = f
+            .acme
+            .iter()
+            .filter(|(_, t, n, _)| chrono_day(*t) == day && n == name)
+            .collect();
+        assert_eq!(
+            point["events"].as_u64(),
+            Some(matching.len() as u64),
+            "{day} {name}"
+        );
+        let users: HashSet<&str> = matching.iter().map(|e| e.3.as_str()).collect();
+        assert_eq!(
+            point["users"].as_u64(),
+            Some(users.len() as u64),
+            "{day} {name}: distinct users"
+        );
+    }
+    let total: u64 = series.iter().map(|p| p["events"].as_u64().unwrap()).sum();
+    assert_eq!(total, 300, "own events only, all of them");
+    // Ungrouped hours add up the same.
+    let (_, hourly) = stats(&f, "acme-web", &format!("bucket=hour&from={from}")).await;
+    let hourly_total: u64 = hourly["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(hourly_total, 300);
+    // Filters apply.
+    let (_, checkouts) = stats(
+        &f,
+        "acme-web",
+        &format!("bucket=day&name=checkout&from={from}"),
+    )
+    .await;
+    let n: u64 = checkouts["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        n as usize,
+        f.acme.iter().filter(|e| e.2 == "checkout").count()
+    );
+}
+
+#[tokio::test]
+async fn stats_need_read_stats_and_valid_parameters() {
+    let f = fixture().await;
+    assert_eq!(
+        stats(&f, "other-app", "").await.1["code"],
+        40301,
+        "read:events alone is not read:stats"
+    );
+    assert_eq!(
+        stats(&f, "ops", "group_by=client&bucket=day").await.0,
+        200,
+        "admin:* may"
+    );
+    for bad in ["bucket=week", "group_by=user_id", "order=asc"] {
+        let (status, body) = stats(&f, "acme-web", bad).await;
+        assert_eq!((status, body["code"].as_u64()), (400, Some(40014)), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn the_readme_stats_example_runs() {
+    let f = fixture().await;
+    let doc = outpost_tests::readme();
+    let start = doc.find("### Counting: `GET /v1/stats`").unwrap();
+    let block = &doc[start..];
+    let cmd = block[block.find("```sh\n").unwrap() + 6..]
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (url, key) = (f.agg.url.clone(), key("acme-web"));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(cmd)
+            .env("OUTPOST_URL", url)
+            .env("OUTPOST_KEY", key)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: u64 = body["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 300, "{body}");
 }

@@ -67,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ingest", post(ingest))
         .route("/internal/v1/clients/{id}", get(client_record))
         .route("/v1/events", get(list_events))
+        .route("/v1/stats", get(stats))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -312,15 +313,30 @@ async fn client_record(
     }
 }
 
+/// Which read endpoint.
+#[derive(Clone, Copy)]
+enum ReadApi {
+    Events,
+    Stats,
+}
+
+type RawQuery =
+    Result<axum::extract::Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
+
 async fn list_events(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    params: Result<
-        axum::extract::Query<Vec<(String, String)>>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    params: RawQuery,
 ) -> Response {
-    let id = request_id(&headers);
+    read_api(&app, &headers, params, ReadApi::Events).await
+}
+
+async fn stats(State(app): State<Arc<AppState>>, headers: HeaderMap, params: RawQuery) -> Response {
+    read_api(&app, &headers, params, ReadApi::Stats).await
+}
+
+async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: ReadApi) -> Response {
+    let id = request_id(headers);
     let (Some(store), Some(pg)) = (&app.clients, &app.postgres) else {
         return error_response(
             ErrorCode::DependencyUnavailable,
@@ -342,7 +358,12 @@ async fn list_events(
         .and_then(|v| v.to_str().ok());
     let result = async {
         let who = crate::query::caller(store, auth, now_ms()).await?;
-        crate::query::events_page(pg.pool(), &app.cursor_key, &who, &params).await
+        match api {
+            ReadApi::Events => {
+                crate::query::events_page(pg.pool(), &app.cursor_key, &who, &params).await
+            }
+            ReadApi::Stats => crate::query::stats(pg.pool(), &who, &params, now_ms()).await,
+        }
     }
     .await;
     match result {

@@ -97,6 +97,25 @@ fn parse_time(name: &str, v: &str, end_of_day: bool) -> Result<i64, QueryError> 
     Ok(t.timestamp_micros())
 }
 
+/// Applies a parameter every query takes (equality filters, time range);
+/// `Ok(false)` when `k` is not one of them.
+fn common_param(q: &mut Query, k: &str, v: &str) -> Result<bool, QueryError> {
+    match k {
+        "from" => q.from_us = Some(parse_time(k, v, false)?),
+        "to" => q.to_us = Some(parse_time(k, v, v.len() == 10)?),
+        name if TEXT_FILTERS.iter().any(|(n, _)| *n == name) => {
+            if v.is_empty() || v.len() > 256 {
+                return Err(QueryError::param(name, "1 to 256 bytes"));
+            }
+            if q.filters.insert(name.to_owned(), v.to_owned()).is_some() {
+                return Err(QueryError::param(name, "given twice"));
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 fn parse_query(params: &[(String, String)]) -> Result<(Query, Option<String>), QueryError> {
     let mut q = Query {
         filters: BTreeMap::new(),
@@ -107,9 +126,10 @@ fn parse_query(params: &[(String, String)]) -> Result<(Query, Option<String>), Q
     };
     let mut cursor = None;
     for (k, v) in params {
+        if common_param(&mut q, k, v)? {
+            continue;
+        }
         match k.as_str() {
-            "from" => q.from_us = Some(parse_time(k, v, false)?),
-            "to" => q.to_us = Some(parse_time(k, v, v.len() == 10)?),
             "order" => {
                 q.asc = match v.as_str() {
                     "asc" => true,
@@ -125,18 +145,148 @@ fn parse_query(params: &[(String, String)]) -> Result<(Query, Option<String>), Q
                     .ok_or_else(|| QueryError::param(k, "1 to 1000"))?
             }
             "cursor" => cursor = Some(v.clone()),
-            name if TEXT_FILTERS.iter().any(|(n, _)| *n == name) => {
-                if v.is_empty() || v.len() > 256 {
-                    return Err(QueryError::param(name, "1 to 256 bytes"));
-                }
-                if q.filters.insert(name.to_owned(), v.clone()).is_some() {
-                    return Err(QueryError::param(name, "given twice"));
-                }
-            }
             other => return Err(QueryError::param(other, "unknown parameter")),
         }
     }
     Ok((q, cursor))
+}
+
+/// A caller that may not administer events reads only its own client.
+fn scope_to_caller(q: &mut Query, who: &ClientRecord) -> Result<(), QueryError> {
+    if who.permissions.allows("admin", "events") {
+        return Ok(());
+    }
+    match q.filters.get("client_id") {
+        Some(c) if c != &who.id => Err(QueryError(
+            ErrorCode::PermissionDenied,
+            "only admin:events reads other clients".into(),
+        )),
+        _ => {
+            q.filters.insert("client_id".into(), who.id.clone());
+            Ok(())
+        }
+    }
+}
+
+/// `AND column = $n …` for the filters and time range, all bound.
+fn push_filters(sql: &mut QueryBuilder<'_, sqlx::Postgres>, q: &Query) {
+    for (name, column) in TEXT_FILTERS {
+        if let Some(v) = q.filters.get(*name) {
+            sql.push(format_args!(" AND {column} = "))
+                .push_bind(v.clone());
+        }
+    }
+    if let Some(f) = q.from_us {
+        sql.push(" AND ts >= to_timestamp(")
+            .push_bind(f as f64 / 1e6)
+            .push(")");
+    }
+    if let Some(t) = q.to_us {
+        sql.push(" AND ts < to_timestamp(")
+            .push_bind(t as f64 / 1e6)
+            .push(")");
+    }
+}
+
+/// Most rows (buckets × groups) one stats answer may hold.
+pub const MAX_STATS_ROWS: i64 = 10_000;
+
+const GROUPS: &[(&str, &str)] = &[
+    ("name", "name"),
+    ("kind", "kind"),
+    ("country", "country"),
+    ("platform", "platform"),
+    ("app_version", "app_version"),
+    ("client", "client_id"),
+    ("level", "level"),
+    ("priority", "priority"),
+];
+
+/// `GET /v1/stats`: events and distinct users per time bucket, optionally
+/// grouped by one dimension, with the same filters as `/v1/events`. Without
+/// `from`, the last 24 hours.
+pub async fn stats(
+    pool: &PgPool,
+    who: &ClientRecord,
+    params: &[(String, String)],
+    now_ms: i64,
+) -> Result<serde_json::Value, QueryError> {
+    if !who.permissions.allows("read", "stats") {
+        return Err(QueryError(
+            ErrorCode::PermissionDenied,
+            "needs read:stats".into(),
+        ));
+    }
+    let mut q = Query {
+        filters: BTreeMap::new(),
+        from_us: None,
+        to_us: None,
+        asc: true,
+        limit: 0,
+    };
+    let (mut bucket, mut group) = ("hour", None);
+    for (k, v) in params {
+        if common_param(&mut q, k, v)? {
+            continue;
+        }
+        match k.as_str() {
+            "bucket" => {
+                bucket = match v.as_str() {
+                    "minute" => "minute",
+                    "hour" => "hour",
+                    "day" => "day",
+                    _ => return Err(QueryError::param(k, "minute, hour or day")),
+                }
+            }
+            "group_by" => {
+                group = Some(GROUPS.iter().find(|(n, _)| *n == v).ok_or_else(|| {
+                    QueryError::param(
+                        k,
+                        "name, kind, country, platform, app_version, client, level or priority",
+                    )
+                })?)
+            }
+            other => return Err(QueryError::param(other, "unknown parameter")),
+        }
+    }
+    scope_to_caller(&mut q, who)?;
+    q.from_us
+        .get_or_insert(now_ms.saturating_sub(86_400_000) * 1000);
+    // `bucket` and `column` come from the fixed lists above, never from input.
+    let column = group.map_or("NULL::text", |(_, c)| c);
+    let mut sql = QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT (extract(epoch from date_trunc('{bucket}', ts AT TIME ZONE 'UTC')) * 1000)::int8 AS b, {column} AS k, \
+         count(*)::int8 AS events, count(DISTINCT user_id)::int8 AS users FROM events WHERE true"
+    ));
+    push_filters(&mut sql, &q);
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
+        .push_bind(MAX_STATS_ROWS + 1);
+    let rows = sql
+        .build()
+        .fetch_all(pool)
+        .await
+        .map_err(|e| QueryError(ErrorCode::DependencyUnavailable, e.to_string()))?;
+    if rows.len() as i64 > MAX_STATS_ROWS {
+        return Err(QueryError::param(
+            "bucket",
+            "too many buckets and groups: narrow the range or use a larger bucket",
+        ));
+    }
+    let series: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::json!({
+                "bucket": Timestamp(r.get::<i64, _>("b")),
+                "events": r.get::<i64, _>("events"),
+                "users": r.get::<i64, _>("users"),
+            });
+            if let Some((name, _)) = group {
+                v[*name] = serde_json::Value::from(r.get::<Option<String>, _>("k"));
+            }
+            v
+        })
+        .collect();
+    Ok(serde_json::json!({"bucket": bucket, "group_by": group.map(|(n, _)| *n), "series": series}))
 }
 
 /// Signs and checks cursors.
@@ -264,19 +414,7 @@ pub async fn events_page(
         ));
     }
     let (mut q, cursor) = parse_query(params)?;
-    if !who.permissions.allows("admin", "events") {
-        match q.filters.get("client_id") {
-            Some(c) if c != &who.id => {
-                return Err(QueryError(
-                    ErrorCode::PermissionDenied,
-                    "only admin:events reads other clients".into(),
-                ));
-            }
-            _ => {
-                q.filters.insert("client_id".into(), who.id.clone());
-            }
-        }
-    }
+    scope_to_caller(&mut q, who)?;
     let qd = digest(&q);
     let cursor = match cursor {
         Some(c) => Some(key.open(&c).filter(|c| c.q == qd).ok_or_else(|| {
@@ -296,22 +434,7 @@ pub async fn events_page(
          user_id, anonymous_id, session_id, properties, context, trace_id, span_id, seq, priority, \
          (extract(epoch from received_at) * 1000)::int8 AS received_ms, country, region, city, asn FROM events WHERE true",
     );
-    for (name, column) in TEXT_FILTERS {
-        if let Some(v) = q.filters.get(*name) {
-            sql.push(format_args!(" AND {column} = "))
-                .push_bind(v.clone());
-        }
-    }
-    if let Some(f) = q.from_us {
-        sql.push(" AND ts >= to_timestamp(")
-            .push_bind(f as f64 / 1e6)
-            .push(")");
-    }
-    if let Some(t) = q.to_us {
-        sql.push(" AND ts < to_timestamp(")
-            .push_bind(t as f64 / 1e6)
-            .push(")");
-    }
+    push_filters(&mut sql, &q);
     if let Some(c) = &cursor {
         // A row comparison on (ts, id) uses the (…, ts, id) indexes; the
         // cursor's microseconds are added to the epoch exactly.
