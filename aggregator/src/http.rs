@@ -81,12 +81,7 @@ fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 128
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        })
+        .filter(|v| outpost_shared::error::is_acceptable_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:012x}{:016x}", now_ms(), fastrand::u64(..)))
 }

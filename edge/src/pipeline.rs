@@ -242,12 +242,7 @@ pub async fn handle<K: Kv, U: Upstream, E: EdgeEnv>(
 
 fn request_id<E: EdgeEnv>(req: &EdgeRequest, env: &E) -> String {
     req.header("x-request-id")
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 128
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        })
+        .filter(|v| outpost_shared::error::is_acceptable_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| hex(&env.random()))
 }

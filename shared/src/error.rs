@@ -271,6 +271,16 @@ impl ErrorEnvelope {
     }
 }
 
+/// Whether a caller's `X-Request-Id` is kept (echoed and logged) rather
+/// than replaced: 1 to 128 characters of `[A-Za-z0-9-_.:]`, so that it is
+/// safe in a header, a log line and a metric label.
+pub fn is_acceptable_request_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
 /// The JSON body of a `202 Accepted` answer to a batch: what was taken, and
 /// what was rejected and why (partial acceptance).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -349,6 +359,14 @@ mod tests {
     #[test]
     fn unknown_numeric_code_does_not_deserialize() {
         assert!(serde_json::from_str::<ErrorCode>("12345").is_err());
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_safe() {
+        assert!(is_acceptable_request_id("01JDQ2Z8-abc_1.2:3"));
+        for bad in ["", "a b", "a\nb", "é", &"x".repeat(129)] {
+            assert!(!is_acceptable_request_id(bad), "{bad:?}");
+        }
     }
 
     #[test]
