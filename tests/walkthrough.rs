@@ -2,7 +2,7 @@
 //! spool path and Redis prefix made unique to this test, and the binary
 //! `scripts/test` built in place of `cargo run`.
 
-use outpost_tests::stores::{pg_admin_url, unique};
+use outpost_tests::stores::{TestRedis, pg_admin_url, unique};
 use serde_json::Value;
 
 #[test]
@@ -12,6 +12,7 @@ fn the_readme_walkthrough_runs_from_nothing_to_events_read_back() {
     }
     let block = outpost_tests::fenced_block_after(&outpost_tests::readme(), "example: walkthrough");
     let db = unique("outpost_demo");
+    let redis = TestRedis::new();
     let port = outpost_tests::aggregator::free_port();
     let dir = tempfile::tempdir().unwrap();
     let bin = outpost_tests::outpost_bin().display().to_string();
@@ -21,7 +22,8 @@ fn the_readme_walkthrough_runs_from_nothing_to_events_read_back() {
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
         .replace("/tmp/outpost-demo", &dir.path().display().to_string());
     let script = format!(
-        "set -e\ntrap 'kill $server 2>/dev/null || true' EXIT\nexport OUTPOST_SERVER_LISTEN=127.0.0.1:{port} OUTPOST_DEDUP_KEY_PREFIX={db}: OUTPOST_LOG_LEVEL=warn\n{script}\nwait $server 2>/dev/null || true\n"
+        "set -e\ntrap 'kill $server 2>/dev/null || true' EXIT\nexport OUTPOST_SERVER_LISTEN=127.0.0.1:{port} OUTPOST_DEDUP_KEY_PREFIX={} OUTPOST_LOG_LEVEL=warn\n{script}\nwait $server 2>/dev/null || true\n",
+        redis.prefix
     );
     let out = std::process::Command::new("bash")
         .arg("-c")
