@@ -18,6 +18,15 @@ fn key(id: &str) -> String {
 }
 
 async fn add_client(db: &TestDb, id: &str, permissions: &[&str]) {
+    add_limited_client(db, id, permissions, None).await
+}
+
+async fn add_limited_client(
+    db: &TestDb,
+    id: &str,
+    permissions: &[&str],
+    rate_limit: Option<outpost_shared::ratelimit::RateLimit>,
+) {
     let record = ClientRecord {
         id: id.into(),
         name: id.into(),
@@ -30,7 +39,7 @@ async fn add_client(db: &TestDb, id: &str, permissions: &[&str]) {
         }],
         jwt: None,
         permissions: Permissions::parse(permissions.iter().copied()).unwrap(),
-        rate_limit: None,
+        rate_limit,
         ip_rate_limit: None,
         allowed_origins: vec![],
         active: true,
@@ -474,4 +483,37 @@ async fn the_readme_stats_example_runs() {
         .map(|p| p["events"].as_u64().unwrap())
         .sum();
     assert_eq!(total, 300, "{body}");
+}
+
+#[tokio::test]
+async fn each_caller_is_held_to_its_rate_limit() {
+    let f = fixture().await;
+    add_limited_client(
+        &f._db,
+        "dashboard",
+        &["read:events"],
+        Some(outpost_shared::ratelimit::RateLimit {
+            limit: 3,
+            period_secs: 60,
+        }),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(get(&f, "dashboard", "limit=1").await.0, 200);
+    }
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/events?limit=1", f.agg.url))
+        .header("authorization", format!("Bearer {}", key("dashboard")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "20");
+    assert_eq!(resp.headers()["ratelimit-remaining"], "0");
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], 42901);
+    assert_eq!(
+        get(&f, "acme-web", "limit=1").await.0,
+        200,
+        "another caller is not affected"
+    );
 }

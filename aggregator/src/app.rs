@@ -102,6 +102,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .map(|pg| ClientStore::new(pg.pool().clone(), secrets_key.clone())),
         // Cursors are signed with a key derived from the first edge key:
         // rotating it invalidates outstanding cursors, nothing else.
+        read_limits: outpost_shared::kv::MemoryKv::default(),
         cursor_key: crate::query::CursorKey::derive(
             config
                 .edge_keys

@@ -53,6 +53,8 @@ pub struct AppState {
     pub clients: Option<ClientStore>,
     /// Signs query cursors.
     pub cursor_key: crate::query::CursorKey,
+    /// Per-caller rate-limit state of the read API (this instance only).
+    pub read_limits: outpost_shared::kv::MemoryKv,
     /// The InfluxDB sink, when enabled (for readiness).
     pub influx: Option<InfluxSink>,
     /// `Retry-After` on `503`.
@@ -351,16 +353,41 @@ async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: Re
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let result = async {
-        let who = crate::query::caller(store, auth, now_ms()).await?;
-        match api {
-            ReadApi::Events => {
-                crate::query::events_page(pg.pool(), &app.cursor_key, &who, &params).await
+    let now = now_ms();
+    let who = match crate::query::caller(store, auth, now).await {
+        Ok(who) => who,
+        Err(crate::query::QueryError(code, message)) => {
+            return error_response(
+                code,
+                Some(message),
+                &id,
+                code.is_retryable().then_some(app.retry_after_secs),
+            );
+        }
+    };
+    // The caller's own rate limit, with the same GCRA as the edge.
+    if let Some(limit) = &who.rate_limit {
+        app.read_limits.set_now_ms(now);
+        let key = format!("rl:read:{}", who.id);
+        if let Ok(d) = outpost_shared::ratelimit::check(&app.read_limits, &key, limit, now, 1).await
+            && !d.allowed
+        {
+            let retry = u32::try_from(d.retry_after_secs.unwrap_or(1)).unwrap_or(u32::MAX);
+            let mut resp = error_response(ErrorCode::RateLimitedClient, None, &id, Some(retry));
+            for (k, v) in d.headers() {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    resp.headers_mut().insert(k, v);
+                }
             }
-            ReadApi::Stats => crate::query::stats(pg.pool(), &who, &params, now_ms()).await,
+            return resp;
         }
     }
-    .await;
+    let result = match api {
+        ReadApi::Events => {
+            crate::query::events_page(pg.pool(), &app.cursor_key, &who, &params).await
+        }
+        ReadApi::Stats => crate::query::stats(pg.pool(), &who, &params, now).await,
+    };
     match result {
         Ok(mut page) => {
             page["request_id"] = serde_json::Value::from(id.clone());
