@@ -114,9 +114,10 @@ async fn fixture() -> Fixture {
     }
 }
 
-async fn get(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
+/// `GET <path>?<query>` as client `who`: status and JSON body.
+async fn call(f: &Fixture, path: &str, who: &str, query: &str) -> (u16, Value) {
     let resp = reqwest::Client::new()
-        .get(format!("{}/v1/events?{query}", f.agg.url))
+        .get(format!("{}{path}?{query}", f.agg.url))
         .header("authorization", format!("Bearer {}", key(who)))
         .send()
         .await
@@ -125,6 +126,10 @@ async fn get(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
         resp.status().as_u16(),
         resp.json().await.unwrap_or(Value::Null),
     )
+}
+
+async fn get(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
+    call(f, "/v1/events", who, query).await
 }
 
 fn ids(page: &Value) -> Vec<String> {
@@ -354,16 +359,7 @@ async fn the_readme_query_example_runs() {
 }
 
 async fn stats(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .get(format!("{}/v1/stats?{query}", f.agg.url))
-        .header("authorization", format!("Bearer {}", key(who)))
-        .send()
-        .await
-        .unwrap();
-    (
-        resp.status().as_u16(),
-        resp.json().await.unwrap_or(Value::Null),
-    )
+    call(f, "/v1/stats", who, query).await
 }
 
 #[tokio::test]
