@@ -27,7 +27,7 @@ use crate::spool::{Spool, SpoolEntry, SpoolError};
 use crate::telemetry::{CodeLabel, Metrics};
 
 /// Media type of an edge frame.
-pub const FRAME_CONTENT_TYPE: &str = "application/vnd.outpost.frame";
+pub const FRAME_CONTENT_TYPE: &str = outpost_shared::frame::CONTENT_TYPE;
 /// The request id header.
 pub const REQUEST_ID: &str = "x-request-id";
 

@@ -11,6 +11,7 @@ pub mod clients_cmd;
 pub mod config;
 pub mod dedup;
 pub mod delivery;
+pub mod edge_cmd;
 pub mod geoip;
 pub mod http;
 pub mod query;

@@ -36,6 +36,17 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
+    /// Serve the edge (the Spin component) locally under wasmtime.
+    Edge {
+        /// TOML file: `component`, `listen`, `[variables]`, `[kv]`, `[limits]`
+        /// (README, "Running the edge locally"). `SPIN_VARIABLE_<NAME>`
+        /// environment variables override `[variables]`.
+        #[arg(long, short, env = "OUTPOST_EDGE_CONFIG")]
+        config: std::path::PathBuf,
+        /// Address to listen on (overrides `listen`).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Load-test an aggregator's ingest (see BENCHMARKS.md).
     Bench {
         /// Aggregator base URL.
@@ -266,6 +277,11 @@ fn main() -> anyhow::Result<()> {
             let config = outpost_aggregator::config::Config::load(config.as_deref())?;
             outpost_aggregator::telemetry::init_logging(&config.log);
             runtime()?.block_on(outpost_aggregator::app::serve(config))?;
+        }
+        Command::Edge { config, listen } => {
+            outpost_aggregator::telemetry::init_logging(&Default::default());
+            let cfg = outpost_aggregator::edge_cmd::load(&config, std::env::vars())?;
+            runtime()?.block_on(outpost_aggregator::edge_cmd::run(cfg, listen))?;
         }
         Command::Bench {
             url,

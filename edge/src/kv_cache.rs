@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use outpost_shared::kv::Kv;
 
@@ -32,22 +33,35 @@ struct Entry {
     last_write_ms: i64,
 }
 
+/// The cached entries, kept apart from the store so that they can outlive
+/// one request: a platform that reuses an instance for many requests (a
+/// Workers isolate) keeps one of these in a thread-local and hands a clone
+/// to each request's [`CachedKv`]. Clones share the entries.
+#[derive(Clone, Default)]
+pub struct KvCacheState(Rc<RefCell<HashMap<String, Entry>>>);
+
 /// The cache. Single-threaded, as edge instances are.
 pub struct CachedKv<K, C> {
     inner: K,
     clock: C,
     limits: KvLimits,
-    entries: RefCell<HashMap<String, Entry>>,
+    entries: KvCacheState,
 }
 
 impl<K: Kv, C: Fn() -> i64> CachedKv<K, C> {
     /// Wraps `inner`; `clock` gives milliseconds since the epoch.
     pub fn new(inner: K, clock: C, limits: KvLimits) -> Self {
+        Self::with_state(inner, clock, limits, KvCacheState::default())
+    }
+
+    /// Wraps `inner`, keeping entries in `state` (shared with earlier
+    /// requests on this instance).
+    pub fn with_state(inner: K, clock: C, limits: KvLimits, state: KvCacheState) -> Self {
         CachedKv {
             inner,
             clock,
             limits,
-            entries: RefCell::new(HashMap::new()),
+            entries: state,
         }
     }
 
@@ -58,7 +72,7 @@ impl<K: Kv, C: Fn() -> i64> CachedKv<K, C> {
 
     fn remember(&self, key: &str, value: &[u8], expires_ms: i64, last_write_ms: i64) {
         let now = (self.clock)();
-        let mut entries = self.entries.borrow_mut();
+        let mut entries = self.entries.0.borrow_mut();
         if entries.len() >= self.limits.max_entries && !entries.contains_key(key) {
             entries.retain(|_, e| e.expires_ms > now);
             if entries.len() >= self.limits.max_entries {
@@ -83,7 +97,7 @@ impl<K: Kv, C: Fn() -> i64> Kv for CachedKv<K, C> {
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, K::Error> {
         let now = (self.clock)();
-        if let Some(e) = self.entries.borrow().get(key)
+        if let Some(e) = self.entries.0.borrow().get(key)
             && e.expires_ms > now
         {
             return Ok(Some(e.value.clone()));
@@ -105,6 +119,7 @@ impl<K: Kv, C: Fn() -> i64> Kv for CachedKv<K, C> {
             now.saturating_add(i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX));
         let last = self
             .entries
+            .0
             .borrow()
             .get(key)
             .map_or(i64::MIN, |e| e.last_write_ms);
@@ -224,6 +239,6 @@ mod tests {
         for i in 0..100 {
             block_on(kv.put(&format!("k{i}"), b"v", 600)).unwrap();
         }
-        assert!(kv.entries.borrow().len() <= 10);
+        assert!(kv.entries.0.borrow().len() <= 10);
     }
 }

@@ -9,11 +9,16 @@
 //! * [`kv_cache`]: a per-instance cache that keeps KV writes within a
 //!   platform's limits (Cloudflare: one write per key per second, 60 s TTL);
 //! * [`pipeline`]: the request flow over the `Kv`, `Upstream` and `EdgeEnv`
-//!   seams — what every adapter runs.
+//!   seams — what every adapter runs;
+//! * [`config`]: the settings every adapter reads from its platform's
+//!   variables, with one set of names and defaults;
+//! * [`upstream`]: the requests to the aggregator and what its answers mean.
 
 pub mod body;
+pub mod config;
 pub mod kv_cache;
 pub mod net;
 pub mod pipeline;
+pub mod upstream;
 
 pub use outpost_shared as shared;

@@ -240,6 +240,20 @@ pub async fn handle<K: Kv, U: Upstream, E: EdgeEnv>(
     resp.header("x-request-id", request_id)
 }
 
+/// The answer when the edge cannot run at all (its settings are missing or
+/// malformed): `500` with the envelope, naming what is wrong, so that an
+/// operator sees it on the first request.
+pub fn misconfigured<E: EdgeEnv>(req: &EdgeRequest, problem: String, env: &E) -> EdgeResponse {
+    let request_id = request_id(req, env);
+    let refusal = Refusal {
+        code: ErrorCode::Internal,
+        message: Some(format!("the edge is misconfigured: {problem}")),
+        errors: Vec::new(),
+        rate: None,
+    };
+    refusal_response(refusal, &request_id, 0).header("x-request-id", request_id)
+}
+
 fn request_id<E: EdgeEnv>(req: &EdgeRequest, env: &E) -> String {
     req.header("x-request-id")
         .filter(|v| outpost_shared::error::is_acceptable_request_id(v))

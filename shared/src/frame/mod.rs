@@ -49,6 +49,8 @@ const PREFIX_LEN: usize = 8;
 const FIXED_TAIL: usize = 16 + 8 + 4 + 4;
 /// Longest edge id or key id, in bytes.
 pub const MAX_ID_BYTES: usize = 64;
+/// The media type a frame is sent with (`POST /v1/ingest`).
+pub const CONTENT_TYPE: &str = "application/vnd.outpost.frame";
 /// Bodies shorter than this are not worth compressing.
 const COMPRESS_MIN_BYTES: usize = 256;
 

@@ -1,0 +1,514 @@
+//! Compiling the component once, and running it once per request.
+//!
+//! [`EdgeHost::new`] does all the slow work (Cranelift compile, linking,
+//! type-checking the imports against our implementations) so that a bad
+//! component or a WIT mismatch fails at start-up, not on a request. Each
+//! request then gets a fresh [`Store`] and instance from the
+//! [`ServicePre`]: instantiation costs tens of microseconds and gives full
+//! isolation, so no request can see another's memory or outlive its budget.
+//!
+//! The budget is enforced twice because neither mechanism covers both
+//! cases: epoch interruption stops guest code that is *running* (a loop
+//! never returns to the executor, so no timer could fire), and a timer
+//! around the whole call stops a guest that is *waiting* (epochs are only
+//! checked while wasm runs). A running guest also yields to the executor at
+//! every epoch tick, so one busy guest cannot starve the other requests'
+//! I/O on the same worker thread.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use outpost_shared::error::{ErrorCode, is_acceptable_request_id};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::Error as HttpError;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
+use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode as WasiErrorCode;
+
+use crate::config::{HostConfig, Limits};
+use crate::envelope;
+use crate::kv::Kv;
+use crate::spin::{self, Shared};
+use crate::state::RequestState;
+
+/// How often the engine's epoch advances: the granularity of the deadline,
+/// and how often a busy guest yields to the executor.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// How long after its deadline a request whose guest is waiting (not
+/// running) is abandoned. A running guest is interrupted within one
+/// [`EPOCH_TICK`] of the deadline, with a precise trap; the grace lets that
+/// happen first, so the timer only catches guests stuck on I/O.
+pub const DEADLINE_GRACE_MS: u64 = 250;
+
+/// Spin's `spin-*` request headers. Callers may not set any of them: the
+/// guest trusts `spin-client-addr` as the TCP peer (rate limits, block
+/// lists), so every incoming `spin-*` header is dropped and these are set
+/// by the host.
+const CLIENT_ADDR: HeaderName = HeaderName::from_static("spin-client-addr");
+const FULL_URL: HeaderName = HeaderName::from_static("spin-full-url");
+const PATH_INFO: HeaderName = HeaderName::from_static("spin-path-info");
+const MATCHED_ROUTE: HeaderName = HeaderName::from_static("spin-matched-route");
+const BASE_PATH: HeaderName = HeaderName::from_static("spin-base-path");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The body type [`EdgeHost::handle`] answers with: the guest streams its
+/// response, the host collects it (bounded) before answering.
+pub type ResponseBody = Full<Bytes>;
+
+/// The edge component, compiled and linked, ready to serve requests.
+///
+/// Cheap to share: [`EdgeHost::serve`] wraps it in an [`Arc`] and every
+/// request runs in its own store. [`EdgeHost::handle`] and
+/// [`EdgeHost::serve`] must run on a tokio runtime with I/O and timers
+/// enabled (the guest's outbound HTTP and the deadline use them).
+pub struct EdgeHost {
+    pre: ServicePre<RequestState>,
+    shared: Arc<Shared>,
+    limits: Limits,
+}
+
+impl EdgeHost {
+    /// Loads and compiles the component, links WASI, `wasi:http` and the
+    /// Spin interfaces, and checks that everything the component imports is
+    /// provided. Starts the epoch ticker thread (it ends with the host).
+    ///
+    /// Blocking (compilation takes ~0.3 s in a release build, seconds in a
+    /// debug one): call it before serving, or in `spawn_blocking`.
+    ///
+    /// Errors: unreadable or invalid component, an import the host does not
+    /// provide (or with another type), an unusable KV configuration.
+    pub fn new(cfg: HostConfig) -> anyhow::Result<EdgeHost> {
+        let mut config = wasmtime::Config::new();
+        // WASIp3: spin-sdk 7 exports an async `wasi:http/handler` and its
+        // imports are async functions.
+        config.wasm_component_model_async(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+
+        let started = Instant::now();
+        let component = Component::from_file(&engine, &cfg.component).map_err(|e| {
+            anyhow::Error::from(e).context(format!(
+                "loading the edge component {}",
+                cfg.component.display()
+            ))
+        })?;
+        info!(
+            component = %cfg.component.display(),
+            compile_ms = started.elapsed().as_millis() as u64,
+            "compiled the edge component"
+        );
+
+        let mut linker = Linker::<RequestState>::new(&engine);
+        // std in the guest still uses WASI 0.2 (clocks, random, stderr);
+        // wasi:http and the Spin interfaces are WASIp3.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi::p3::add_to_linker(&mut linker)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)?;
+        spin::add_to_linker(&mut linker, RequestState::spin_view)?;
+        let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+            anyhow::Error::from(e)
+                .context("the edge component imports something this host does not provide")
+        })?;
+        let pre = ServicePre::new(instance_pre).map_err(|e| {
+            anyhow::Error::from(e)
+                .context("the edge component does not export wasi:http/handler@0.3.0")
+        })?;
+
+        start_epoch_ticker(&engine)?;
+        // A store operation is a local round trip; one that takes a second
+        // is an outage, and the guest fails open on it rather than spend
+        // the request's deadline waiting.
+        let kv = Kv::new(
+            &cfg.kv,
+            Duration::from_millis(cfg.limits.outbound_timeout_ms.min(1_000)),
+        )?;
+        Ok(EdgeHost {
+            pre,
+            shared: Arc::new(Shared {
+                variables: cfg.variables,
+                kv,
+            }),
+            limits: cfg.limits,
+        })
+    }
+
+    /// Runs one request through a fresh instance of the component.
+    ///
+    /// `peer` is the TCP peer; the guest sees it as `spin-client-addr`
+    /// (caller-sent `spin-*` headers are dropped). Never fails: a trap, an
+    /// exhausted memory bound or a `wasi:http` error from the guest becomes
+    /// `500` code 50001; a deadline becomes `503` code 50302 with
+    /// `Retry-After`; a body over the bound `413` code 41302. All in the
+    /// error envelope with `x-request-id` (the caller's, if acceptable).
+    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let request_id = request_id(&parts.headers);
+        let max_body = self.limits.max_request_body_bytes;
+        if declared_length(&parts.headers).is_some_and(|n| n > max_body as u64) {
+            return envelope::response(
+                ErrorCode::BodyTooLarge,
+                format!("the request body is larger than {max_body} bytes"),
+                &request_id,
+                None,
+            );
+        }
+        prepare(&mut parts, peer, &request_id);
+        let body = Limited::new(body, max_body).map_err(move |e| body_error(e, max_body));
+        let req = Request::from_parts(parts, body);
+
+        let deadline = Duration::from_millis(self.limits.deadline_ms);
+        let mut store = Store::new(
+            self.pre.engine(),
+            RequestState::new(Arc::clone(&self.shared), &self.limits),
+        );
+        store.limiter(|s| &mut s.limiter);
+        let interrupt_at = started + deadline;
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= interrupt_at {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        store.set_epoch_deadline(1);
+
+        let run = run(
+            &self.pre,
+            &mut store,
+            req,
+            self.limits.max_response_body_bytes,
+        );
+        let outcome =
+            tokio::time::timeout(deadline + Duration::from_millis(DEADLINE_GRACE_MS), run).await;
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        match outcome {
+            Ok(Ok(Ok(resp))) => {
+                debug!(%request_id, status = resp.status().as_u16(), elapsed_us, "served");
+                resp
+            }
+            Ok(Ok(Err(code))) => {
+                warn!(%request_id, error = ?code, "the edge component answered with a wasi:http error");
+                envelope::response(
+                    ErrorCode::Internal,
+                    "the edge component failed to produce a response",
+                    &request_id,
+                    None,
+                )
+            }
+            Ok(Err(e)) => self.failure(&e, store.data().limiter.memory_refused, &request_id),
+            Err(_) => {
+                warn!(%request_id, elapsed_us, "the edge component was still waiting at its deadline");
+                self.deadline_response(&request_id, false)
+            }
+        }
+    }
+
+    fn failure(
+        &self,
+        e: &wasmtime::Error,
+        memory_refused: bool,
+        request_id: &str,
+    ) -> Response<ResponseBody> {
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            warn!(%request_id, "the edge component ran past its deadline");
+            return self.deadline_response(request_id, true);
+        }
+        let message = if memory_refused {
+            warn!(%request_id, limit = self.limits.memory_bytes, error = ?e, "the edge component ran out of memory");
+            "the edge component ran out of memory"
+        } else {
+            warn!(%request_id, error = ?e, "the edge component failed");
+            "the edge component failed"
+        };
+        envelope::response(ErrorCode::Internal, message, request_id, None)
+    }
+
+    /// `running` tells which bound fired (the guest was interrupted, or it
+    /// was still waiting); the caller's answer is the same, the message
+    /// helps whoever reads the log or tunes the deadline.
+    fn deadline_response(&self, request_id: &str, running: bool) -> Response<ResponseBody> {
+        let what = if running {
+            "ran past"
+        } else {
+            "was still waiting at"
+        };
+        envelope::response(
+            ErrorCode::Overloaded,
+            format!(
+                "the edge component {what} the request's {} ms deadline; retry later",
+                self.limits.deadline_ms
+            ),
+            request_id,
+            Some(self.limits.retry_after_secs),
+        )
+    }
+
+    /// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
+    /// accepting and lets requests in flight finish (each is bounded by its
+    /// deadline, so this ends).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let host = Arc::new(self);
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = pin!(shutdown);
+        // Slow or idle clients must not pin connections forever.
+        let header_timeout = Duration::from_secs(10);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Usually out of file descriptors: back off rather
+                        // than spin on a listener that keeps failing.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let host = Arc::clone(&host);
+            let service = hyper::service::service_fn(move |req| {
+                let host = Arc::clone(&host);
+                async move { Ok::<_, Infallible>(host.handle(req, peer).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        let drain =
+            Duration::from_millis(host.limits.deadline_ms + DEADLINE_GRACE_MS) + header_timeout;
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!("connections still open after the drain period; closing them");
+        }
+        Ok(())
+    }
+}
+
+/// The guest's answer, or why there is none. The outer error is a trap or
+/// a host failure; the inner one a `wasi:http` error code from the guest.
+async fn run<B>(
+    pre: &ServicePre<RequestState>,
+    store: &mut Store<RequestState>,
+    req: Request<B>,
+    max_response_body: usize,
+) -> wasmtime::Result<Result<Response<ResponseBody>, WasiErrorCode>>
+where
+    B: http_body::Body<Data = Bytes, Error = HttpError> + Send + 'static,
+{
+    let service = pre.instantiate_async(&mut *store).await?;
+    let (req, request_io) =
+        wasmtime_wasi_http::p3::Request::from_http(store.data_mut().hooks(), req);
+    store
+        .run_concurrent(async move |accessor| {
+            let respond = async {
+                let res = match service.handle(accessor, req).await? {
+                    Ok(res) => res,
+                    Err(code) => return Ok(Err(code)),
+                };
+                let res = accessor.with(|store| res.into_http(store, async { Ok(()) }))?;
+                let (parts, body) = res.into_parts();
+                // The guest writes its body after returning the response, so
+                // it must be read inside the event loop that runs the guest.
+                let body = Limited::new(body, max_response_body)
+                    .collect()
+                    .await
+                    .map_err(|e| {
+                        wasmtime::format_err!("reading the edge component's response body: {e}")
+                    })?
+                    .to_bytes();
+                wasmtime::Result::<_>::Ok(Ok(Response::from_parts(parts, Full::new(body))))
+            };
+            // How the guest consumed the request body; only worth a log
+            // line, its answer already says what it made of it.
+            let consumed = async {
+                if let Err(e) = request_io.await {
+                    debug!(error = ?e, "the edge component reported a request body error");
+                }
+                Ok(())
+            };
+            let (res, ()) = tokio::try_join!(respond, consumed)?;
+            Ok(res)
+        })
+        .await?
+}
+
+/// The caller's `x-request-id` when it is safe to echo, else a new one, so
+/// that host errors, the guest's answer and both logs share one id.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_acceptable_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:032x}", fastrand::u128(..)))
+}
+
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Rewrites the request the way Spin presents it to a component: absolute
+/// URI, `spin-*` headers set by the runtime only, and the request id.
+fn prepare(parts: &mut http::request::Parts, peer: SocketAddr, request_id: &str) {
+    let spin_headers: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("spin-"))
+        .cloned()
+        .collect();
+    for name in spin_headers {
+        parts.headers.remove(name);
+    }
+
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| {
+            let host = parts.headers.get(HOST)?.to_str().ok()?;
+            host.parse::<Authority>().ok()
+        })
+        .unwrap_or_else(|| Authority::from_static("localhost"));
+    if let Ok(uri) = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority.clone())
+        .path_and_query(path.clone())
+        .build()
+    {
+        if let Ok(v) = HeaderValue::try_from(uri.to_string()) {
+            parts.headers.insert(FULL_URL, v);
+        }
+        parts.uri = uri;
+    }
+    let headers = &mut parts.headers;
+    if let Ok(v) = HeaderValue::try_from(path.path()) {
+        headers.insert(PATH_INFO, v);
+    }
+    headers.insert(MATCHED_ROUTE, HeaderValue::from_static("/..."));
+    headers.insert(BASE_PATH, HeaderValue::from_static("/"));
+    if let Ok(v) = HeaderValue::try_from(peer.to_string()) {
+        headers.insert(CLIENT_ADDR, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(request_id) {
+        headers.insert(REQUEST_ID, v);
+    }
+}
+
+/// What the guest sees when reading the request body fails: the bound as
+/// `wasi:http`'s body-size error, anything else as the transport error.
+fn body_error(e: Box<dyn StdError + Send + Sync>, max: usize) -> HttpError {
+    if e.is::<LengthLimitError>() {
+        return HttpError::HttpRequestBodySize(Some(max as u64));
+    }
+    match e.downcast::<hyper::Error>() {
+        Ok(e) => HttpError::Hyper(*e),
+        Err(_) => HttpError::HttpProtocolError,
+    }
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on a thread of its own
+/// (a tokio task would itself be starved by a busy guest on a small
+/// runtime). The thread holds the engine weakly and ends with it.
+fn start_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let engine = engine.weak();
+    std::thread::Builder::new()
+        .name("outpost-edge-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EPOCH_TICK);
+                match engine.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => return,
+                }
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spin_headers_from_the_caller_are_replaced() {
+        let req = Request::builder()
+            .uri("/v1/batch?write_key=w")
+            .header("host", "edge.example:3000")
+            .header("spin-client-addr", "9.9.9.9:1")
+            .header("spin-anything", "x")
+            .header("x-request-id", "bad id")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        let id = request_id(&parts.headers);
+        assert_eq!(id.len(), 32);
+        prepare(&mut parts, "10.0.0.7:5555".parse().unwrap(), &id);
+        let h = &parts.headers;
+        assert_eq!(h["spin-client-addr"], "10.0.0.7:5555");
+        assert!(h.get("spin-anything").is_none());
+        assert_eq!(
+            h["spin-full-url"],
+            "http://edge.example:3000/v1/batch?write_key=w"
+        );
+        assert_eq!(h["spin-path-info"], "/v1/batch");
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert_eq!(
+            parts.uri.to_string(),
+            "http://edge.example:3000/v1/batch?write_key=w"
+        );
+    }
+
+    #[test]
+    fn an_acceptable_request_id_is_kept() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-1"));
+        assert_eq!(request_id(&h), "abc-1");
+    }
+
+    #[test]
+    fn an_ipv6_peer_is_written_as_spin_does() {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        prepare(&mut parts, "[::1]:8080".parse().unwrap(), "r");
+        assert_eq!(parts.headers["spin-client-addr"], "[::1]:8080");
+    }
+}

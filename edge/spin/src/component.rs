@@ -1,0 +1,257 @@
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use outpost_edge::config::{Settings, VARIABLES};
+use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse, Upstream, UpstreamAnswer};
+use outpost_edge::shared::client::ClientRecord;
+use outpost_edge::shared::kv::Kv;
+use outpost_edge::upstream::{self, OutboundRequest};
+use spin_sdk::http::{HeaderName, HeaderValue, Request, StatusCode};
+use spin_sdk::key_value::Store;
+use spin_sdk::wasip3::http::types::RequestOptions;
+use spin_sdk::wasip3::http_compat::RequestOptionsExtension;
+
+/// The header Spin sets to the TCP peer (`ip:port`); anything a caller
+/// sends under a `spin-` name is replaced by the runtime.
+const CLIENT_ADDR: &str = "spin-client-addr";
+
+#[spin_sdk::http_service]
+async fn handle(req: Request) -> http::Response<Full<bytes::Bytes>> {
+    let env = SpinEnv;
+    let (parts, body) = req.into_parts();
+    let peer_ip = parts
+        .headers
+        .get(CLIENT_ADDR)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.parse::<SocketAddr>()
+                .map(|a| a.ip())
+                .or_else(|_| v.parse::<IpAddr>())
+                .ok()
+        })
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.as_str().starts_with("spin-"))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let mut edge_req = EdgeRequest {
+        method: parts.method.as_str().to_owned(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into()),
+        headers,
+        body: Vec::new(),
+        peer_ip,
+        platform_ip: None,
+        pop: None,
+        country_hint: None,
+    };
+
+    let settings = match settings().await {
+        Ok(s) => s,
+        Err(problem) => return into_http(pipeline::misconfigured(&edge_req, problem, &env)),
+    };
+    // Read one byte past the bound at most: the pipeline answers 413 for
+    // that, and a huge body is never buffered.
+    edge_req.body = read_bounded(body, settings.edge.max_wire_bytes() + 1).await;
+
+    let store = match Store::open_default().await {
+        Ok(s) => Some(SpinKv(s)),
+        Err(_) => None,
+    };
+    let upstream = SpinUpstream {
+        settings: &settings,
+    };
+    let resp = match &store {
+        Some(kv) => pipeline::handle(edge_req, &settings.edge, kv, &upstream, &env).await,
+        // Without a store the rules that need state (limits, nonces, the
+        // client cache) fail open or fall back to lookups, as they would
+        // when KV errors.
+        None => pipeline::handle(edge_req, &settings.edge, &NoKv, &upstream, &env).await,
+    };
+    into_http(resp)
+}
+
+async fn settings() -> Result<Settings, String> {
+    let mut values = HashMap::new();
+    for (name, _, _) in VARIABLES {
+        if let Ok(v) = spin_sdk::variables::get(name).await {
+            values.insert(*name, v);
+        }
+    }
+    Settings::from_lookup(|name| values.get(name).cloned()).map_err(|e| e.to_string())
+}
+
+async fn read_bounded<B>(body: B, max: usize) -> Vec<u8>
+where
+    B: http_body::Body,
+    B::Data: bytes::Buf,
+{
+    let mut out = Vec::new();
+    let mut body = std::pin::pin!(body);
+    while out.len() < max {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(mut data) = frame.into_data() {
+                    use bytes::Buf as _;
+                    while data.has_remaining() && out.len() < max {
+                        let chunk = data.chunk();
+                        let take = chunk.len().min(max - out.len());
+                        out.extend_from_slice(&chunk[..take]);
+                        data.advance(take);
+                    }
+                }
+            }
+            // A body that breaks off is handled like a short one: the
+            // parser reports it as malformed.
+            Some(Err(_)) | None => break,
+        }
+    }
+    out
+}
+
+fn into_http(resp: EdgeResponse) -> http::Response<Full<bytes::Bytes>> {
+    let mut out = http::Response::new(Full::new(bytes::Bytes::from(resp.body)));
+    *out.status_mut() =
+        StatusCode::from_u16(resp.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (k, v) in resp.headers {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            out.headers_mut().append(k, v);
+        }
+    }
+    out
+}
+
+struct SpinEnv;
+
+impl EdgeEnv for SpinEnv {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+
+    fn random(&self) -> [u8; 16] {
+        let bytes = spin_sdk::wasip3::random::random::get_random_bytes(16);
+        let mut out = [0u8; 16];
+        for (o, b) in out.iter_mut().zip(bytes) {
+            *o = b;
+        }
+        out
+    }
+}
+
+/// Spin's key-value store. It has no expiry, so each value carries its
+/// deadline (8 bytes, epoch milliseconds, big-endian) in front; a read past
+/// the deadline is a miss and removes the entry.
+struct SpinKv(Store);
+
+impl Kv for SpinKv {
+    type Error = String;
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let Some(stored) = self.0.get(key).await.map_err(|e| format!("{e:?}"))? else {
+            return Ok(None);
+        };
+        let Some((deadline, value)) = stored.split_first_chunk::<8>() else {
+            return Ok(None);
+        };
+        if i64::from_be_bytes(*deadline) <= SpinEnv.now_ms() {
+            let _ = self.0.delete(key).await;
+            return Ok(None);
+        }
+        Ok(Some(value.to_vec()))
+    }
+
+    async fn put(&self, key: &str, value: &[u8], ttl_secs: u64) -> Result<(), String> {
+        let ttl_ms = i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let deadline = SpinEnv.now_ms().saturating_add(ttl_ms);
+        let mut stored = Vec::with_capacity(8 + value.len());
+        stored.extend_from_slice(&deadline.to_be_bytes());
+        stored.extend_from_slice(value);
+        self.0.set(key, stored).await.map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// Used when the store cannot be opened: every operation fails, and the
+/// pipeline treats that as it treats any KV outage.
+struct NoKv;
+
+impl Kv for NoKv {
+    type Error = &'static str;
+
+    async fn get(&self, _: &str) -> Result<Option<Vec<u8>>, Self::Error> {
+        Err("no key-value store")
+    }
+
+    async fn put(&self, _: &str, _: &[u8], _: u64) -> Result<(), Self::Error> {
+        Err("no key-value store")
+    }
+}
+
+struct SpinUpstream<'a> {
+    settings: &'a Settings,
+}
+
+impl SpinUpstream<'_> {
+    async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), String> {
+        let mut req = http::Request::builder().method(r.method).uri(&r.url);
+        for (k, v) in &r.headers {
+            req = req.header(*k, v);
+        }
+        let options = RequestOptions::new();
+        let timeout_ns = Some(self.settings.upstream_timeout_ms.saturating_mul(1_000_000));
+        // A host that does not support a timeout still has its own.
+        let _ = options.set_connect_timeout(timeout_ns);
+        let _ = options.set_first_byte_timeout(timeout_ns);
+        let _ = options.set_between_bytes_timeout(timeout_ns);
+        let req = req
+            .extension(RequestOptionsExtension(options))
+            .body(Full::new(bytes::Bytes::from(r.body)))
+            .map_err(|e| format!("bad request: {e}"))?;
+        let resp = spin_sdk::http::send(req)
+            .await
+            .map_err(|e| format!("{e}"))?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), upstream::MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok((status, body.to_vec()))
+    }
+}
+
+impl Upstream for SpinUpstream<'_> {
+    type Error = String;
+
+    async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, String> {
+        let (status, body) = self
+            .send(upstream::ingest_request(
+                &self.settings.aggregator_url,
+                frame,
+            ))
+            .await?;
+        Ok(upstream::ingest_answer(status, &body))
+    }
+
+    async fn client(&self, id: &str) -> Result<Option<ClientRecord>, String> {
+        let req = upstream::client_request(
+            &self.settings.aggregator_url,
+            &self.settings.edge,
+            id,
+            SpinEnv.now_ms() / 1000,
+        );
+        let (status, body) = self.send(req).await?;
+        upstream::client_answer(status, &body)
+    }
+}

@@ -1,0 +1,268 @@
+//! The edge's settings, read from the platform's variables and secrets.
+//!
+//! Every adapter reads the same names through a lookup function: Spin
+//! variables are these names as written (`aggregator_url`), Cloudflare
+//! vars and secrets the same names in upper case (`AGGREGATOR_URL`).
+//! Parsing lives here so that the platforms cannot disagree on a default.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use outpost_shared::client::Secret;
+use outpost_shared::frame::EdgeKey;
+use outpost_shared::validate::Limits;
+
+use crate::net::NetList;
+use crate::pipeline::EdgeConfig;
+
+/// Every variable the edge reads, with its default (`None`: required).
+pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
+    (
+        "aggregator_url",
+        None,
+        "Base URL of the aggregator (`/v1/ingest`, `/internal/v1/clients/{id}`).",
+    ),
+    (
+        "edge_id",
+        Some("edge"),
+        "Names this deployment in every frame.",
+    ),
+    ("edge_key_id", None, "Id of the key frames are signed with."),
+    (
+        "edge_key_secret",
+        None,
+        "The key's secret, base64url without padding (a secret variable).",
+    ),
+    (
+        "max_body_bytes",
+        Some("524288"),
+        "Largest request body after decompression.",
+    ),
+    ("max_event_bytes", Some("32768"), "Largest single event."),
+    ("max_batch_events", Some("500"), "Most events per batch."),
+    (
+        "trusted_proxies",
+        Some(""),
+        "Comma-separated IPs/CIDRs whose `X-Forwarded-For` is believed.",
+    ),
+    (
+        "blocklist",
+        Some(""),
+        "Comma-separated IPs/CIDRs refused with 40303.",
+    ),
+    (
+        "client_cache_ttl_secs",
+        Some("60"),
+        "How long a client record (or its absence) stays cached in KV.",
+    ),
+    (
+        "signature_window_secs",
+        Some("300"),
+        "Accepted clock difference for HMAC-signed requests.",
+    ),
+    (
+        "retry_after_secs",
+        Some("5"),
+        "`Retry-After` when the aggregator did not acknowledge.",
+    ),
+    (
+        "upstream_timeout_ms",
+        Some("5000"),
+        "How long to wait for the aggregator before answering 503.",
+    ),
+];
+
+/// A setting that is missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("edge setting {name}: {problem}")]
+pub struct ConfigError {
+    /// The variable's name.
+    pub name: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// What an adapter needs beyond [`EdgeConfig`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The pipeline's configuration.
+    pub edge: EdgeConfig,
+    /// Aggregator base URL, without a trailing slash.
+    pub aggregator_url: String,
+    /// Time limit for each call to the aggregator, milliseconds.
+    pub upstream_timeout_ms: u64,
+}
+
+impl Settings {
+    /// Reads every variable through `lookup` (which returns `None` for an
+    /// unset variable; an empty value counts as unset for required ones).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let get = |name: &'static str| -> Result<String, ConfigError> {
+            let default = VARIABLES
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .and_then(|(_, d, _)| *d);
+            match (lookup(name).filter(|v| !v.trim().is_empty()), default) {
+                (Some(v), _) => Ok(v.trim().to_owned()),
+                (None, Some(d)) => Ok(d.to_owned()),
+                (None, None) => Err(ConfigError {
+                    name,
+                    problem: "required, not set".into(),
+                }),
+            }
+        };
+        fn number<T: std::str::FromStr>(name: &'static str, v: String) -> Result<T, ConfigError> {
+            v.parse().map_err(|_| ConfigError {
+                name,
+                problem: format!("expected a non-negative integer, got {v:?}"),
+            })
+        }
+        fn nets(name: &'static str, v: &str) -> Result<NetList, ConfigError> {
+            NetList::parse(v.split(',').map(str::trim).filter(|s| !s.is_empty())).map_err(|e| {
+                ConfigError {
+                    name,
+                    problem: format!("not an IP address or CIDR range: {:?}", e.0),
+                }
+            })
+        }
+
+        let aggregator_url = get("aggregator_url")?.trim_end_matches('/').to_owned();
+        if !(aggregator_url.starts_with("http://") || aggregator_url.starts_with("https://")) {
+            return Err(ConfigError {
+                name: "aggregator_url",
+                problem: format!("expected an http:// or https:// URL, got {aggregator_url:?}"),
+            });
+        }
+        let key_id = get("edge_key_id")?;
+        if key_id.len() > outpost_shared::frame::MAX_ID_BYTES {
+            return Err(ConfigError {
+                name: "edge_key_id",
+                problem: "longer than 64 bytes".into(),
+            });
+        }
+        let secret = B64
+            .decode(get("edge_key_secret")?.as_bytes())
+            .map_err(|_| ConfigError {
+                name: "edge_key_secret",
+                problem: "expected base64url without padding".into(),
+            })?;
+        if secret.len() < 16 {
+            return Err(ConfigError {
+                name: "edge_key_secret",
+                problem: "shorter than 16 bytes".into(),
+            });
+        }
+        let edge_id = get("edge_id")?;
+        if edge_id.len() > outpost_shared::frame::MAX_ID_BYTES {
+            return Err(ConfigError {
+                name: "edge_id",
+                problem: "longer than 64 bytes".into(),
+            });
+        }
+        let limits = Limits {
+            max_body_bytes: number("max_body_bytes", get("max_body_bytes")?)?,
+            max_event_bytes: number("max_event_bytes", get("max_event_bytes")?)?,
+            max_batch_events: number("max_batch_events", get("max_batch_events")?)?,
+            ..Limits::default()
+        };
+        Ok(Settings {
+            edge: EdgeConfig {
+                edge_id,
+                edge_key: EdgeKey {
+                    id: key_id,
+                    secret: Secret::new(secret),
+                },
+                limits,
+                trusted_proxies: nets("trusted_proxies", &get("trusted_proxies")?)?,
+                blocklist: nets("blocklist", &get("blocklist")?)?,
+                client_cache_ttl_secs: number(
+                    "client_cache_ttl_secs",
+                    get("client_cache_ttl_secs")?,
+                )?,
+                signature_window_secs: number(
+                    "signature_window_secs",
+                    get("signature_window_secs")?,
+                )?,
+                retry_after_secs: number("retry_after_secs", get("retry_after_secs")?)?,
+            },
+            aggregator_url,
+            upstream_timeout_ms: number("upstream_timeout_ms", get("upstream_timeout_ms")?)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const MINIMAL: &[(&str, &str)] = &[
+        ("aggregator_url", "http://127.0.0.1:8080/"),
+        ("edge_key_id", "edge-1"),
+        ("edge_key_secret", "ZWRnZS1zZWNyZXQtZWRnZS1zZWNyZXQ"),
+    ];
+
+    #[test]
+    fn defaults_fill_everything_but_the_required_three() {
+        let s = Settings::from_lookup(vars(MINIMAL)).unwrap();
+        assert_eq!(s.aggregator_url, "http://127.0.0.1:8080");
+        assert_eq!(s.edge.edge_id, "edge");
+        assert_eq!(s.edge.edge_key.secret.expose(), b"edge-secret-edge-secret");
+        assert_eq!(s.edge.limits, Limits::default());
+        assert!(s.edge.blocklist.is_empty() && s.edge.trusted_proxies.is_empty());
+        assert_eq!(s.edge.client_cache_ttl_secs, 60);
+        assert_eq!(s.upstream_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn each_required_variable_is_named_when_missing() {
+        for missing in ["aggregator_url", "edge_key_id", "edge_key_secret"] {
+            let pairs: Vec<_> = MINIMAL
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
+            let e = Settings::from_lookup(vars(&pairs)).unwrap_err();
+            assert_eq!(e.name, missing);
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_refused_with_their_name() {
+        for (name, value) in [
+            ("aggregator_url", "ftp://x"),
+            ("edge_key_secret", "not base64!"),
+            ("edge_key_secret", "c2hvcnQ"),
+            ("max_body_bytes", "-1"),
+            ("blocklist", "10.0.0.0/99"),
+            ("trusted_proxies", "proxy.example"),
+        ] {
+            let mut pairs: Vec<_> = MINIMAL
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != name)
+                .collect();
+            pairs.push((name, value));
+            let e = Settings::from_lookup(vars(&pairs)).unwrap_err();
+            assert_eq!(e.name, name, "{value}");
+        }
+    }
+
+    #[test]
+    fn lists_are_parsed() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("blocklist", "203.0.113.7, 198.51.100.0/24"));
+        pairs.push(("trusted_proxies", "10.0.0.0/8"));
+        let s = Settings::from_lookup(vars(&pairs)).unwrap();
+        assert!(s.edge.blocklist.contains("198.51.100.9".parse().unwrap()));
+        assert!(s.edge.trusted_proxies.contains("10.1.2.3".parse().unwrap()));
+    }
+}

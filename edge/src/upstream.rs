@@ -1,0 +1,165 @@
+//! The aggregator's side of the wire, for adapters: which requests to make
+//! and how to read the answers. An adapter only moves bytes (the
+//! platform's HTTP client); what is sent and what an answer means is
+//! decided here, once.
+
+use outpost_shared::auth::signature;
+use outpost_shared::client::ClientRecord;
+use outpost_shared::error::{AcceptedResponse, ErrorEnvelope};
+
+use crate::pipeline::{EdgeConfig, UpstreamAnswer};
+
+/// Largest answer body an adapter should read from the aggregator.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// An HTTP request for the adapter to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRequest {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// Absolute URL.
+    pub url: String,
+    /// Headers to set.
+    pub headers: Vec<(&'static str, String)>,
+    /// Body (empty for `GET`).
+    pub body: Vec<u8>,
+}
+
+/// `POST {aggregator}/v1/ingest` with a frame (the frame carries its own MAC).
+pub fn ingest_request(aggregator_url: &str, frame: Vec<u8>) -> OutboundRequest {
+    OutboundRequest {
+        method: "POST",
+        url: format!("{aggregator_url}/v1/ingest"),
+        headers: vec![(
+            "content-type",
+            outpost_shared::frame::CONTENT_TYPE.to_owned(),
+        )],
+        body: frame,
+    }
+}
+
+/// `GET {aggregator}/internal/v1/clients/{id}`, signed with the edge key.
+/// `id` must already be a valid client id (the pipeline checks it), so it
+/// needs no escaping.
+pub fn client_request(
+    aggregator_url: &str,
+    cfg: &EdgeConfig,
+    id: &str,
+    now_secs: i64,
+) -> OutboundRequest {
+    let path = format!("/internal/v1/clients/{id}");
+    let sig = signature::sign(
+        cfg.edge_key.secret.expose(),
+        "GET",
+        &path,
+        now_secs,
+        None,
+        b"",
+    );
+    OutboundRequest {
+        method: "GET",
+        url: format!("{aggregator_url}{path}"),
+        headers: vec![
+            (signature::HEADER_KEY, cfg.edge_key.id.clone()),
+            (signature::HEADER_TIMESTAMP, now_secs.to_string()),
+            (signature::HEADER_SIGNATURE, sig),
+        ],
+        body: Vec::new(),
+    }
+}
+
+/// What the aggregator's answer to a frame means.
+pub fn ingest_answer(status: u16, body: &[u8]) -> UpstreamAnswer {
+    if status == 202
+        && let Ok(a) = serde_json::from_slice::<AcceptedResponse>(body)
+    {
+        return UpstreamAnswer::Accepted(a);
+    }
+    // A 202 whose body cannot be read is not an acknowledgement we can
+    // account for: report it as refused, and the client retries.
+    UpstreamAnswer::Refused(status, serde_json::from_slice::<ErrorEnvelope>(body).ok())
+}
+
+/// What the aggregator's answer to a client lookup means: `Ok(None)` for
+/// "no such client", `Err` for anything that is not an answer.
+pub fn client_answer(status: u16, body: &[u8]) -> Result<Option<ClientRecord>, String> {
+    match status {
+        200 => serde_json::from_slice(body)
+            .map(Some)
+            .map_err(|e| format!("unreadable client record: {e}")),
+        404 => Ok(None),
+        s => Err(match serde_json::from_slice::<ErrorEnvelope>(body) {
+            Ok(env) => format!("client lookup answered {s} ({})", env.code),
+            Err(_) => format!("client lookup answered {s}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost_shared::ErrorCode;
+    use outpost_shared::client::Secret;
+    use outpost_shared::frame::EdgeKey;
+
+    use super::*;
+
+    fn cfg() -> EdgeConfig {
+        crate::config::Settings::from_lookup(|k| {
+            match k {
+                "aggregator_url" => Some("http://agg"),
+                "edge_key_id" => Some("edge-1"),
+                "edge_key_secret" => Some("ZWRnZS1zZWNyZXQtZWRnZS1zZWNyZXQ"),
+                _ => None,
+            }
+            .map(str::to_owned)
+        })
+        .unwrap()
+        .edge
+    }
+
+    #[test]
+    fn client_lookup_is_signed_as_the_aggregator_verifies() {
+        let cfg = cfg();
+        let r = client_request("http://agg", &cfg, "web", 1_800_000_000);
+        assert_eq!(r.url, "http://agg/internal/v1/clients/web");
+        let h = |n: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.as_str())
+                .unwrap()
+        };
+        assert_eq!(h(signature::HEADER_KEY), "edge-1");
+        let signed = signature::SignedRequest {
+            method: "GET",
+            path_and_query: "/internal/v1/clients/web",
+            timestamp: h(signature::HEADER_TIMESTAMP),
+            nonce: None,
+            body: b"",
+            signature: h(signature::HEADER_SIGNATURE),
+        };
+        let key = EdgeKey {
+            id: "edge-1".into(),
+            secret: Secret::new(b"edge-secret-edge-secret".to_vec()),
+        };
+        signature::verify(&signed, [key.secret.expose()], 1_800_000_010, 300).unwrap();
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let ok = br#"{"success":true,"accepted":2,"rejected":0,"errors":[],"request_id":"r"}"#;
+        assert!(matches!(ingest_answer(202, ok), UpstreamAnswer::Accepted(a) if a.accepted == 2));
+        assert_eq!(
+            ingest_answer(202, b"garbage"),
+            UpstreamAnswer::Refused(202, None)
+        );
+        let env = serde_json::to_vec(&ErrorEnvelope::new(ErrorCode::Overloaded, "r")).unwrap();
+        assert!(matches!(
+            ingest_answer(503, &env),
+            UpstreamAnswer::Refused(503, Some(e)) if e.code == ErrorCode::Overloaded
+        ));
+        assert_eq!(client_answer(404, b""), Ok(None));
+        assert!(client_answer(500, b"").is_err());
+        assert!(client_answer(200, b"{}").is_err());
+    }
+}
