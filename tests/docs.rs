@@ -159,3 +159,82 @@ fn readme_example_config_loads() {
         "the example shows a key rotation"
     );
 }
+
+fn edge_variable_table() -> String {
+    let mut t = String::from("| variable | default | meaning |\n| --- | --- | --- |\n");
+    for (name, default, meaning) in outpost_edge::config::VARIABLES {
+        let default = match default {
+            None => "required".to_owned(),
+            Some("") => "(empty)".to_owned(),
+            Some(d) => format!("`{d}`"),
+        };
+        t.push_str(&format!("| `{name}` | {default} | {meaning} |\n"));
+    }
+    t.trim_end().to_owned()
+}
+
+#[test]
+fn readme_edge_variables_are_the_code_table() {
+    let expected = edge_variable_table();
+    assert!(
+        section(&readme(), "edge-variables") == expected,
+        "README edge variable table is stale; replace it with:\n\n{expected}\n"
+    );
+}
+
+#[test]
+fn spin_and_wrangler_manifests_name_every_edge_variable() {
+    let root = outpost_tests::repo_root();
+    let spin: toml::Table = std::fs::read_to_string(root.join("spin.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let wrangler_text = std::fs::read_to_string(root.join("wrangler.toml")).unwrap();
+    let wrangler: toml::Table = wrangler_text.parse().unwrap();
+    let component = &spin["component"]["outpost-edge"];
+    for (name, default, _) in outpost_edge::config::VARIABLES {
+        let declared = spin["variables"]
+            .get(*name)
+            .unwrap_or_else(|| panic!("spin.toml [variables] lacks {name}"));
+        assert_eq!(
+            component["variables"][*name].as_str(),
+            Some(format!("{{{{ {name} }}}}").as_str()),
+            "spin.toml does not pass {name} to the component"
+        );
+        let upper = name.to_ascii_uppercase();
+        match default {
+            // Required settings with no safe default are secrets.
+            None if *name == "edge_key_secret" => {
+                assert_eq!(declared["secret"].as_bool(), Some(true));
+                assert!(
+                    wrangler["vars"].get(&upper).is_none(),
+                    "{upper} must be a secret"
+                );
+                assert!(wrangler_text.contains(&format!("wrangler secret put {upper}")));
+            }
+            _ => assert!(
+                wrangler["vars"].get(&upper).is_some(),
+                "wrangler.toml [vars] lacks {upper}"
+            ),
+        }
+    }
+    assert_eq!(wrangler["main"].as_str(), Some("build/index.js"));
+    assert_eq!(wrangler["build"]["command"].as_str(), Some(""));
+    assert_eq!(
+        wrangler["kv_namespaces"][0]["binding"].as_str(),
+        Some("OUTPOST_KV")
+    );
+    assert_eq!(
+        component["source"].as_str(),
+        Some("target/wasm32-wasip2/wasm/outpost_edge_spin.wasm")
+    );
+}
+
+#[test]
+fn readme_edge_host_example_is_a_valid_config_with_the_real_defaults() {
+    let block = fenced_block_after(&readme(), "example: edge.toml");
+    let cfg: outpost_edge_host::HostConfig = toml::from_str(&block).unwrap();
+    assert_eq!(cfg.listen.port(), 3000);
+    assert_eq!(cfg.limits, outpost_edge_host::Limits::default());
+    assert!(matches!(cfg.kv, outpost_edge_host::KvConfig::Redis { .. }));
+}

@@ -1,6 +1,7 @@
 //! The README's walkthrough, run as written — with the database name, port,
 //! spool path and Redis prefix made unique to this test, and the binary
-//! `scripts/test` built in place of `cargo run`.
+//! `scripts/test` built in place of `cargo run` (and of building the edge
+//! component, which it did too).
 
 use outpost_tests::stores::{TestRedis, pg_admin_url, unique};
 use serde_json::Value;
@@ -14,13 +15,21 @@ fn the_readme_walkthrough_runs_from_nothing_to_events_read_back() {
     let db = unique("outpost_demo");
     let redis = TestRedis::new();
     let port = outpost_tests::aggregator::free_port();
+    let edge_port = outpost_tests::aggregator::free_port();
     let dir = tempfile::tempdir().unwrap();
     let bin = outpost_tests::outpost_bin().display().to_string();
     let script = block
         .replace("cargo run -q --release --bin outpost --", &bin)
         .replace("outpost_demo", &db)
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
-        .replace("/tmp/outpost-demo", &dir.path().display().to_string());
+        .replace("/tmp/outpost-demo", &dir.path().display().to_string())
+        .replace("127.0.0.1:3000", &format!("127.0.0.1:{edge_port}"))
+        // scripts/test built the component already, into its target dir.
+        .replace("./scripts/build-edge spin", "true")
+        .replace(
+            "$PWD/target/wasm32-wasip2/wasm/outpost_edge_spin.wasm",
+            &outpost_tests::edge::spin_component().display().to_string(),
+        );
     let script = format!(
         "set -e\ntrap 'kill $server 2>/dev/null || true' EXIT\nexport OUTPOST_SERVER_LISTEN=127.0.0.1:{port} OUTPOST_DEDUP_KEY_PREFIX={} OUTPOST_LOG_LEVEL=warn\n{script}\nwait $server 2>/dev/null || true\n",
         redis.prefix
@@ -51,4 +60,9 @@ fn the_readme_walkthrough_runs_from_nothing_to_events_read_back() {
     assert_eq!(data.len(), 3, "{page}");
     assert!(data.iter().all(|e| e["client_id"] == "demo"));
     assert!(stdout.contains("ingest: 10 frames, 100 events"), "{stdout}");
+    // The event sent through the edge was acknowledged by the aggregator.
+    assert!(
+        stdout.contains(r#""success":true,"accepted":1,"rejected":0"#),
+        "{stdout}"
+    );
 }
