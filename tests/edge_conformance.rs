@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use outpost_shared::auth::permission::Permissions;
 use outpost_shared::auth::{api_key, signature};
 use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial, Secret};
+use outpost_shared::event::Timestamp;
 use outpost_shared::ratelimit::RateLimit;
 use outpost_tests::edge::{Edge, Mode, Runtime, StandIn, edge_variables};
 use serde_json::{Value, json};
@@ -96,6 +97,27 @@ fn clients() -> Vec<ClientRecord> {
         ClientRecord {
             permissions: Permissions::parse(["read:events"]).unwrap(),
             ..record("readonly", AuthMethod::WriteKey, None)
+        },
+        ClientRecord {
+            ip_rate_limit: Some(RateLimit {
+                limit: 1,
+                period_secs: 60,
+            }),
+            ..record("perip", AuthMethod::WriteKey, None)
+        },
+        ClientRecord {
+            expires_at: Some(Timestamp(1_000)),
+            ..record("expired", AuthMethod::WriteKey, None)
+        },
+        // An API key rotated away: the old credential's grace period is over.
+        ClientRecord {
+            credentials: vec![Credential {
+                key: KeyMaterial::ApiKeyHash {
+                    sha256: api_key::hash(&api_key::format("rotated", b"old")),
+                },
+                not_after: Some(Timestamp(1_000)),
+            }],
+            ..record("rotated", AuthMethod::ApiKey, None)
         },
     ]
 }
@@ -351,6 +373,16 @@ fn cases(runtime: Runtime) -> Vec<Case> {
             refused(401, 40111),
         ),
         case(
+            "expired client",
+            browser("/v1/batch?write_key=expired", batch(1)),
+            refused(401, 40111),
+        ),
+        case(
+            "API key past its rotation grace period",
+            bearer(api_key::format("rotated", b"old")),
+            refused(401, 40103),
+        ),
+        case(
             "client without write permission",
             browser("/v1/batch?write_key=readonly", batch(1)),
             refused(403, 40301),
@@ -529,6 +561,30 @@ fn cases(runtime: Runtime) -> Vec<Case> {
                     expect: refused(429, 42901)
                         .header("retry-after", None)
                         .header("ratelimit-remaining", Some("0")),
+                },
+            ],
+        },
+        Case {
+            name: "per-IP rate limit reached",
+            steps: vec![
+                Step {
+                    mode: Mode::Accept,
+                    req: browser("/v1/batch?write_key=perip", batch(1)),
+                    expect: accepted("perip", 1).header("ratelimit-remaining", Some("0")),
+                },
+                Step {
+                    mode: Mode::Accept,
+                    req: browser("/v1/batch?write_key=perip", batch(1)),
+                    expect: refused(429, 42902).header("retry-after", None),
+                },
+                // Another address has its own allowance.
+                Step {
+                    mode: Mode::Accept,
+                    req: Req {
+                        from: UNTRUSTED,
+                        ..browser("/v1/batch?write_key=perip", batch(1))
+                    },
+                    expect: accepted("perip", 1).stamped_ip(UNTRUSTED),
                 },
             ],
         },
