@@ -243,3 +243,151 @@ fn outpost_geoip_lookup_and_status_print_json() {
     assert_eq!(status["city"]["database_type"], "GeoIP2-City");
     assert_eq!(status["asn"]["configured"], false);
 }
+
+/// Serves `files` (path → bytes) over HTTP; records the Authorization
+/// header of each request.
+async fn file_server(
+    files: Vec<(&'static str, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::extract::{Path, State};
+    let files: std::collections::HashMap<String, Vec<u8>> =
+        files.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let auth = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = auth.clone();
+    let app = axum::Router::new()
+        .route(
+            "/{name}",
+            axum::routing::get(
+                move |State(files): State<
+                    std::sync::Arc<std::collections::HashMap<String, Vec<u8>>>,
+                >,
+                      Path(name): Path<String>,
+                      headers: axum::http::HeaderMap| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(
+                            headers
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned(),
+                        );
+                        match files.get(&name) {
+                            Some(b) => (axum::http::StatusCode::OK, b.clone()),
+                            None => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
+                        }
+                    }
+                },
+            ),
+        )
+        .with_state(std::sync::Arc::new(files));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, auth)
+}
+
+fn tar_gz(name: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(bytes.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    b.append_data(&mut header, format!("GeoLite2-City_20261124/{name}"), bytes)
+        .unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outpost_geoip_download_checks_unpacks_and_swaps_in() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let built = dir.path().join("built.mmdb");
+    write_city_db(&built, &[ZURICH]);
+    let mmdb = std::fs::read(&built).unwrap();
+    let archive = tar_gz("GeoLite2-City.mmdb", &mmdb);
+    let sha = format!(
+        "{}  GeoLite2-City_20261124.tar.gz\n",
+        hex::encode(sha2::Sha256::digest(&archive))
+    );
+    let (url, auth) = file_server(vec![
+        ("city.tar.gz", archive),
+        ("city.tar.gz.sha256", sha.into_bytes()),
+        (
+            "wrong.sha256",
+            format!("{}  x\n", "0".repeat(64)).into_bytes(),
+        ),
+        (
+            "notadb.tar.gz",
+            tar_gz("GeoLite2-City.mmdb", b"not a database"),
+        ),
+    ])
+    .await;
+    let target = dir.path().join("geo/city.mmdb");
+    let download = |city_url: &str, sha_url: &str| {
+        let cfg = dir.path().join("outpost.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[geoip]\ncity_db = \"{}\"\ncity_url = \"{url}/{city_url}\"\ncity_sha256_url = \"{sha_url}\"\ndownload_username = \"42\"\n",
+                target.display()
+            ),
+        )
+        .unwrap();
+        Command::new(outpost_tests::outpost_bin())
+            .args(["geoip", "download", "--config"])
+            .arg(&cfg)
+            .env("OUTPOST_GEOIP_DOWNLOAD_PASSWORD", "licence-key")
+            .output()
+            .unwrap()
+    };
+
+    // A wrong checksum: refused, nothing written.
+    let out =
+        tokio::task::block_in_place(|| download("city.tar.gz", &format!("{url}/wrong.sha256")));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SHA-256 mismatch"));
+    assert!(!target.exists());
+
+    // Not a database: refused, nothing written.
+    let out = tokio::task::block_in_place(|| download("notadb.tar.gz", ""));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a MaxMind database"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!target.exists());
+
+    // The real thing: verified, unpacked, in place, and used by lookups.
+    let out = tokio::task::block_in_place(|| {
+        download("city.tar.gz", &format!("{url}/city.tar.gz.sha256"))
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report[0]["verified"], true, "{report}");
+    assert_eq!(report[0]["database_type"], "GeoIP2-City");
+    assert_eq!(std::fs::read(&target).unwrap(), mmdb);
+    // Basic auth from the config user and the environment's password.
+    use base64::Engine as _;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("42:licence-key")
+    );
+    assert!(auth.lock().unwrap().iter().all(|a| *a == expected));
+    let cfg = dir.path().join("outpost.toml");
+    let out = Command::new(outpost_tests::outpost_bin())
+        .args(["geoip", "lookup", "203.0.113.99", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let hit: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hit["geo"]["city"], "Zürich");
+}

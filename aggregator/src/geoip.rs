@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use maxminddb::{Reader, geoip2};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Redacted;
 use crate::telemetry::{GeoLabel, Metrics};
 
 /// `[geoip]`
@@ -31,6 +32,24 @@ pub struct GeoIpConfig {
     pub cache_entries: usize,
     /// How often to look for a changed database file, in seconds.
     pub reload_check_secs: u64,
+    /// Where `outpost geoip download` fetches the City database
+    /// (`.mmdb`, `.mmdb.gz` or `.tar.gz`); empty: not downloaded.
+    pub city_url: String,
+    /// A SHA-256 file (`<hex> [name]`) for `city_url`; empty: not checked.
+    pub city_sha256_url: String,
+    /// Where `outpost geoip download` fetches the ASN database; empty: not downloaded.
+    pub asn_url: String,
+    /// A SHA-256 file for `asn_url`; empty: not checked.
+    pub asn_sha256_url: String,
+    /// HTTP basic-auth user for the downloads (MaxMind: the account id).
+    pub download_username: String,
+    /// HTTP basic-auth password (MaxMind: the licence key); set it from the
+    /// environment.
+    pub download_password: Redacted,
+    /// Time limit per download, seconds.
+    pub download_timeout_secs: u64,
+    /// Largest download, and largest database once unpacked, bytes.
+    pub max_download_bytes: usize,
 }
 
 impl Default for GeoIpConfig {
@@ -40,6 +59,14 @@ impl Default for GeoIpConfig {
             asn_db: String::new(),
             cache_entries: 100_000,
             reload_check_secs: 60,
+            city_url: String::new(),
+            city_sha256_url: String::new(),
+            asn_url: String::new(),
+            asn_sha256_url: String::new(),
+            download_username: String::new(),
+            download_password: Redacted::default(),
+            download_timeout_secs: 300,
+            max_download_bytes: 512 << 20,
         }
     }
 }

@@ -199,6 +199,9 @@ enum ClientsCommand {
 enum GeoipCommand {
     /// Which databases are configured and loaded (JSON).
     Status,
+    /// Fetch the databases from `geoip.city_url`/`asn_url`, check them
+    /// (SHA-256, mmdb format) and swap them in atomically (JSON report).
+    Download,
     /// What the databases say about an IP address (JSON).
     Lookup {
         /// IPv4 or IPv6 address.
@@ -377,6 +380,13 @@ fn main() -> anyhow::Result<()> {
             let metrics = outpost_aggregator::telemetry::Metrics::new(&mut registry);
             let geo = outpost_aggregator::geoip::GeoIp::open(&config.geoip, metrics);
             let out = match command {
+                GeoipCommand::Download => {
+                    let client = outpost_aggregator::http_client::client();
+                    let done = runtime()?.block_on(
+                        outpost_aggregator::geoip_download::download_all(&config.geoip, &client),
+                    )?;
+                    serde_json::to_value(done)?
+                }
                 GeoipCommand::Status => geo.status(),
                 GeoipCommand::Lookup { ip } => serde_json::json!({
                     "ip": ip,

@@ -17,9 +17,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use influxdb_line_protocol::LineProtocolBuilder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -91,7 +88,7 @@ impl Default for InfluxConfig {
 /// The sink.
 #[derive(Clone)]
 pub struct InfluxSink {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: crate::http_client::HttpClient,
     write_uri: hyper::Uri,
     auth: Option<String>,
     measurement: String,
@@ -150,10 +147,10 @@ impl InfluxSink {
         };
         let write_uri: hyper::Uri = format!("{base}{path}?{query}").parse()?;
         anyhow::ensure!(
-            write_uri.scheme_str() == Some("http"),
-            "influxdb.url must be http:// (TLS is not built in)"
+            matches!(write_uri.scheme_str(), Some("http" | "https")),
+            "influxdb.url must be http:// or https://"
         );
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let client = crate::http_client::client();
         Ok(InfluxSink {
             client,
             write_uri,
@@ -325,9 +322,16 @@ mod tests {
             "http://127.0.0.1:8086/api/v3/write_lp?db=events&precision=nanosecond"
         );
         assert_eq!(v3.auth.as_deref(), Some("Bearer t0k"));
+        // InfluxDB Cloud is https; anything else is refused.
+        let cloud = InfluxSink::new(&InfluxConfig {
+            url: "https://eu-central-1-1.aws.cloud2.influxdata.com".into(),
+            ..InfluxConfig::default()
+        })
+        .unwrap();
+        assert_eq!(cloud.write_uri.scheme_str(), Some("https"));
         assert!(
             InfluxSink::new(&InfluxConfig {
-                url: "https://x".into(),
+                url: "ftp://x".into(),
                 ..InfluxConfig::default()
             })
             .is_err()
