@@ -142,6 +142,9 @@ impl EdgeHost {
             shared: Arc::new(Shared {
                 variables: cfg.variables,
                 kv,
+                outbound: crate::state::outbound_client(Duration::from_millis(
+                    cfg.limits.outbound_timeout_ms,
+                )),
             }),
             limits: cfg.limits,
         })

@@ -40,11 +40,12 @@ use bindings::spin::variables::variables::{self as vars_wit, Error as VarError};
 /// The only store label the host knows; Spin's default store.
 pub(crate) const DEFAULT_STORE: &str = "default";
 
-/// What every request of one host shares: the Spin variables and the
-/// `default` key-value store.
+/// What every request of one host shares: the Spin variables, the
+/// `default` key-value store and the pool of outbound connections.
 pub(crate) struct Shared {
     pub(crate) variables: BTreeMap<String, String>,
     pub(crate) kv: Kv,
+    pub(crate) outbound: crate::state::OutboundClient,
 }
 
 /// An open `store` resource. Only `default` can be opened, so it carries

@@ -3,18 +3,26 @@
 //!
 //! A store lives for exactly one request, so nothing here needs clearing:
 //! a guest cannot leak state, handles or memory from one request into the
-//! next. Only [`Shared`] (variables and the key-value store) outlives it.
+//! next. Only [`Shared`] (variables, the key-value store and the outbound
+//! connection pool) outlives it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
-    WasiHttpView, default_send_request,
+    WasiHttpView,
 };
 
 use crate::config::Limits;
@@ -47,6 +55,7 @@ impl RequestState {
             http: WasiHttpCtx::new(),
             hooks: OutboundHooks {
                 timeout: Duration::from_millis(limits.outbound_timeout_ms),
+                client: shared.outbound.clone(),
             },
             limiter: Limiter::new(limits.memory_bytes),
             shared,
@@ -151,12 +160,39 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// The guest's outbound HTTP: wasmtime-wasi-http's own client, with every
-/// timeout capped by the host. The guest sets its timeouts from its
+/// The connection pool behind every guest's outbound HTTP. Instances live
+/// for one request, the pool for the host: the aggregator (the only host
+/// the edge calls) is reached over kept-alive connections instead of a new
+/// TCP (and TLS) handshake per request, which was most of the edge's
+/// per-request time (BENCHMARKS.md).
+pub(crate) type OutboundClient = Client<HttpsConnector<HttpConnector>, WasiBody>;
+
+/// Builds the pool; `connect_timeout` caps every connection attempt.
+pub(crate) fn outbound_client(connect_timeout: Duration) -> OutboundClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let connector = HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        // Only fails for a provider without safe defaults; ring has them.
+        .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(connector)
+}
+
+/// The guest's outbound HTTP over the host's pool, with every timeout
+/// capped by the host. The guest sets its timeouts from its
 /// `upstream_timeout_ms` variable; a guest that sets none would otherwise
-/// get the library's 10-minute defaults.
+/// wait for as long as the pool's defaults allow.
 struct OutboundHooks {
     timeout: Duration,
+    client: OutboundClient,
 }
 
 impl WasiHttpHooks for OutboundHooks {
@@ -176,24 +212,85 @@ impl WasiHttpHooks for OutboundHooks {
                 >,
             > + Send,
     > {
-        // `fut` reports how the guest consumed the response; the default
-        // client has no use for it either.
+        // `fut` reports how the guest consumed the response; the pool has
+        // no use for it.
         drop(fut);
         let cap = self.timeout;
-        let capped = |t: Option<Duration>| Some(t.map_or(cap, |t| t.min(cap)));
         let asked = options.unwrap_or_default();
-        let options = RequestOptions {
-            connect_timeout: capped(asked.connect_timeout),
-            first_byte_timeout: capped(asked.first_byte_timeout),
-            between_bytes_timeout: capped(asked.between_bytes_timeout),
-        };
+        let first_byte = asked.first_byte_timeout.map_or(cap, |t| t.min(cap));
+        let between_bytes = asked.between_bytes_timeout.map_or(cap, |t| t.min(cap));
+        let client = self.client.clone();
         Box::new(async move {
-            let (res, io) = default_send_request(request, Some(options)).await?;
+            if request.uri().authority().is_none() {
+                return Err(HttpError::HttpRequestUriInvalid);
+            }
+            let resp = tokio::time::timeout(first_byte, client.request(request))
+                .await
+                .map_err(|_| HttpError::ConnectionReadTimeout)?
+                .map_err(|e| {
+                    if e.is_connect() {
+                        HttpError::ConnectionRefused
+                    } else {
+                        HttpError::HttpProtocolError
+                    }
+                })?;
+            let resp = resp.map(|body| {
+                BetweenBytes {
+                    body,
+                    timeout: between_bytes,
+                    sleep: None,
+                }
+                .boxed_unsync()
+            });
             Ok((
-                res.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                resp,
+                Box::new(async { Ok(()) })
+                    as Box<dyn Future<Output = Result<(), HttpError>> + Send>,
             ))
         })
+    }
+}
+
+/// A response body that fails when no bytes arrive for `timeout`.
+struct BetweenBytes {
+    body: hyper::body::Incoming,
+    timeout: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for BetweenBytes {
+    type Data = bytes::Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, HttpError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep = None;
+                Poll::Ready(frame.map(|f| f.map_err(|_| HttpError::HttpProtocolError)))
+            }
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

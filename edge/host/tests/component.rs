@@ -61,6 +61,7 @@ fn component() -> PathBuf {
 struct Aggregator {
     url: String,
     seen: Arc<Mutex<Vec<String>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Aggregator {
@@ -69,11 +70,14 @@ impl Aggregator {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::clone(&connections);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let log = Arc::clone(&log);
                 let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
                     let log = Arc::clone(&log);
@@ -103,7 +107,11 @@ impl Aggregator {
                 );
             }
         });
-        Aggregator { url, seen }
+        Aggregator {
+            url,
+            seen,
+            connections,
+        }
     }
 
     fn seen(&self) -> Vec<String> {
@@ -377,6 +385,37 @@ async fn a_request_past_its_deadline_is_stopped_with_503() {
             "GET /internal/v1/clients/slow",
             "GET /internal/v1/clients/hang"
         ]
+    );
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_come_and_go_but_connections_to_the_aggregator_are_kept_alive() {
+    let agg = Aggregator::start().await;
+    let mut cfg = HostConfig::new(component());
+    cfg.variables = agg.variables();
+    let edge = Edge::start(cfg).await;
+    // Each request asks the aggregator for another (unknown) client.
+    for id in ["pool-a", "pool-b", "pool-c", "pool-d"] {
+        let r = send(
+            edge.addr,
+            None,
+            post_batch(&format!("/v1/batch?write_key={id}")).header("origin", "https://x.example"),
+            BATCH,
+        )
+        .await;
+        assert_eq!(r.code(), 40102, "{}", r.json);
+    }
+    let lookups = agg
+        .seen()
+        .iter()
+        .filter(|s| s.starts_with("GET /internal/v1/clients/pool-"))
+        .count();
+    assert_eq!(lookups, 4);
+    assert_eq!(
+        agg.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "four requests from four instances should share one kept-alive connection"
     );
     edge.shutdown().await;
 }
