@@ -293,3 +293,100 @@ async fn the_readme_secrets_key_command_makes_a_key_the_cli_accepts() {
         String::from_utf8_lossy(&created.stderr)
     );
 }
+
+/// An HS256 token for client `kid`, with these claims.
+fn hs256(kid: &str, secret: &[u8], claims: Value) -> String {
+    let head = B64.encode(serde_json::json!({"alg": "HS256", "kid": kid}).to_string());
+    let input = format!("{head}.{}", B64.encode(claims.to_string()));
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret).unwrap();
+    hmac::Mac::update(&mut mac, input.as_bytes());
+    format!(
+        "{input}.{}",
+        B64.encode(hmac::Mac::finalize(mac).into_bytes())
+    )
+}
+
+#[tokio::test]
+async fn jwt_callers_of_the_read_api_get_what_both_client_and_token_grant() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start_with_env(
+        &store_config(&db.url, &redis),
+        &[("OUTPOST_SECRETS_KEY", &secrets_key())],
+    )
+    .await;
+    let created = ok(
+        &db,
+        &[
+            "create",
+            "--name",
+            "Dashboard",
+            "--id",
+            "dash",
+            "--method",
+            "jwt-hs256",
+            "--permissions",
+            "read:events,read:stats",
+        ],
+    );
+    let secret = B64.decode(created["jwt_secret"].as_str().unwrap()).unwrap();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = |claims: Value| hs256("dash", &secret, claims);
+    let stats = |t: String| {
+        let url = format!(
+            "{}/v1/stats?bucket=day&group_by=name&from=2026-11-01",
+            agg.url
+        );
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("authorization", format!("Bearer {t}"))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    // Allowed by both.
+    let events_only = token(serde_json::json!({"exp": exp, "permissions": ["read:events"]}));
+    assert_eq!(read_events(&agg, &events_only).await.0, 200);
+    // Denied: the token does not grant read:stats, though the client could.
+    let (status, body) = stats(events_only).await;
+    assert_eq!((status, body["code"].as_u64()), (403, Some(40301)));
+    // A wildcard in the token, capped by the record: stats yes, admin no.
+    let everything = token(serde_json::json!({"exp": exp, "scope": "*:*"}));
+    assert_eq!(stats(everything.clone()).await.0, 200);
+    let (status, body) = read_events(&agg, &everything).await;
+    assert_eq!(status, 200);
+    let (status, body2) = {
+        let r = reqwest::Client::new()
+            .get(format!("{}/v1/events?client_id=someone-else", agg.url))
+            .header("authorization", format!("Bearer {everything}"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(
+        (status, body2["code"].as_u64()),
+        (403, Some(40301)),
+        "a wildcard token does not make a client an admin: {body}"
+    );
+    // No permissions in the token: nothing to read.
+    let bare = token(serde_json::json!({"exp": exp}));
+    assert_eq!(read_events(&agg, &bare).await.1["code"], 40301);
+    // Expired, and signed with another secret.
+    let expired = token(serde_json::json!({"exp": exp - 4000, "permissions": ["read:events"]}));
+    assert_eq!(read_events(&agg, &expired).await.1["code"], 40106);
+    let forged = hs256(
+        "dash",
+        b"not-the-secret",
+        serde_json::json!({"exp": exp, "permissions": ["read:events"]}),
+    );
+    assert_eq!(read_events(&agg, &forged).await.1["code"], 40103);
+}

@@ -11,8 +11,10 @@
 //!   `next` and `prev` are opaque cursors, signed so that an altered cursor
 //!   or one from another query is refused (40015).
 //! * Who: `Authorization: Bearer` with an API key or a JWT of a client whose
-//!   permissions allow `read:events`. A client sees only its own events
-//!   unless it may `admin` events (`admin:events`, `*:*`).
+//!   permissions allow `read:events` (for a JWT, the token's `permissions`/
+//!   `scope` must allow it too: the record caps what its tokens grant). A
+//!   client sees only its own events unless it may `admin` events
+//!   (`admin:events`, `*:*`).
 
 use std::collections::BTreeMap;
 
@@ -20,6 +22,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::{Hmac, Mac};
 use outpost_shared::ErrorCode;
+use outpost_shared::auth::permission::Permissions;
 use outpost_shared::auth::{api_key, jwt};
 use outpost_shared::client::{AuthMethod, ClientRecord};
 use outpost_shared::event::Timestamp;
@@ -335,7 +338,13 @@ fn digest(q: &Query) -> String {
     hex::encode(&Sha256::digest(serde_json::to_vec(&without_limit).unwrap_or_default())[..12])
 }
 
-/// Who is asking, from `Authorization: Bearer …` (API key or JWT).
+/// Every permission the read API checks, as (action, resource).
+const READ_API_GRANTS: &[(&str, &str)] =
+    &[("read", "events"), ("read", "stats"), ("admin", "events")];
+
+/// Who is asking, from `Authorization: Bearer …` (API key or JWT). For a
+/// JWT the answer's permissions are those the client record and the token
+/// both grant.
 pub async fn caller(
     store: &ClientStore,
     authorization: Option<&str>,
@@ -382,16 +391,31 @@ pub async fn caller(
     } else {
         let id = jwt::token_key_id(token)
             .ok_or_else(|| QueryError(ErrorCode::MalformedToken, "no kid in the token".into()))?;
-        let record = lookup(id).await?;
+        let mut record = lookup(id).await?;
         let policy = record.jwt.clone().unwrap_or_default();
         let mut result = Err(ErrorCode::UnknownKey);
         for k in record.jwt_keys(now) {
-            result = jwt::verify(token, &k, &policy, now_ms / 1000).map(|_| ());
+            result = jwt::verify(token, &k, &policy, now_ms / 1000);
             if result.is_ok() {
                 break;
             }
         }
-        result.map_err(|c| QueryError(c, c.message().into()))?;
+        let verified = result.map_err(|c| QueryError(c, c.message().into()))?;
+        // A token speaks for a user of the client: it may do what both the
+        // client record and the token's own permissions allow.
+        record.permissions = Permissions::parse(
+            READ_API_GRANTS
+                .iter()
+                .filter(|(a, r)| {
+                    record.permissions.allows(a, r) && verified.permissions.allows(a, r)
+                })
+                .map(|(a, r)| match (*a, *r) {
+                    ("read", "events") => "read:events",
+                    ("read", "stats") => "read:stats",
+                    _ => "admin:events",
+                }),
+        )
+        .unwrap_or_default();
         record
     };
     record
