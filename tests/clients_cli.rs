@@ -296,14 +296,7 @@ async fn the_readme_secrets_key_command_makes_a_key_the_cli_accepts() {
 
 /// An HS256 token for client `kid`, with these claims.
 fn hs256(kid: &str, secret: &[u8], claims: Value) -> String {
-    let head = B64.encode(serde_json::json!({"alg": "HS256", "kid": kid}).to_string());
-    let input = format!("{head}.{}", B64.encode(claims.to_string()));
-    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(secret).unwrap();
-    hmac::Mac::update(&mut mac, input.as_bytes());
-    format!(
-        "{input}.{}",
-        B64.encode(hmac::Mac::finalize(mac).into_bytes())
-    )
+    outpost_tests::hmac_jwt(kid, "HS256", secret, &claims)
 }
 
 #[tokio::test]

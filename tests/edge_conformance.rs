@@ -140,14 +140,7 @@ fn now_secs() -> i64 {
 }
 
 fn jwt(kid: &str, alg: &str, key: &[u8], claims: Value) -> String {
-    let head = B64.encode(json!({"alg": alg, "kid": kid, "typ": "JWT"}).to_string());
-    let input = format!("{head}.{}", B64.encode(claims.to_string()));
-    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key).unwrap();
-    hmac::Mac::update(&mut mac, input.as_bytes());
-    format!(
-        "{input}.{}",
-        B64.encode(hmac::Mac::finalize(mac).into_bytes())
-    )
+    outpost_tests::hmac_jwt(kid, alg, key, &claims)
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {

@@ -12,7 +12,8 @@
 //!   seams — what every adapter runs;
 //! * [`config`]: the settings every adapter reads from its platform's
 //!   variables, with one set of names and defaults;
-//! * [`upstream`]: the requests to the aggregator and what its answers mean.
+//! * [`upstream`]: the requests to the aggregator, what its answers mean,
+//!   and the `Upstream` every adapter uses over its own HTTP `Transport`.
 
 pub mod body;
 pub mod config;

@@ -7,7 +7,9 @@ use outpost_shared::auth::signature;
 use outpost_shared::client::ClientRecord;
 use outpost_shared::error::{AcceptedResponse, ErrorEnvelope};
 
-use crate::pipeline::{EdgeConfig, UpstreamAnswer};
+use std::future::Future;
+
+use crate::pipeline::{EdgeConfig, Upstream, UpstreamAnswer};
 
 /// Largest answer body an adapter should read from the aggregator.
 pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -65,6 +67,42 @@ pub fn client_request(
             (signature::HEADER_SIGNATURE, sig),
         ],
         body: Vec::new(),
+    }
+}
+
+/// How a platform moves bytes: send a request, get the status and the
+/// body (bounded by [`MAX_ANSWER_BYTES`]), within the platform's timeout.
+pub trait Transport {
+    /// Sends `req`; `Err` for anything that is not an HTTP answer.
+    fn send(&self, req: OutboundRequest) -> impl Future<Output = Result<(u16, Vec<u8>), String>>;
+}
+
+/// The aggregator as the pipeline sees it, over any [`Transport`]: which
+/// requests to make and what the answers mean live here, once, so every
+/// adapter forwards and looks up clients the same way.
+pub struct Aggregator<'a, T> {
+    /// Base URL, without a trailing slash.
+    pub url: &'a str,
+    /// The pipeline's configuration (its edge key signs the lookups).
+    pub cfg: &'a EdgeConfig,
+    /// Milliseconds since the epoch, for signing lookups.
+    pub now_ms: i64,
+    /// The platform's HTTP client.
+    pub transport: T,
+}
+
+impl<T: Transport> Upstream for Aggregator<'_, T> {
+    type Error = String;
+
+    async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, String> {
+        let (status, body) = self.transport.send(ingest_request(self.url, frame)).await?;
+        Ok(ingest_answer(status, &body))
+    }
+
+    async fn client(&self, id: &str) -> Result<Option<ClientRecord>, String> {
+        let req = client_request(self.url, self.cfg, id, self.now_ms / 1000);
+        let (status, body) = self.transport.send(req).await?;
+        client_answer(status, &body)
     }
 }
 

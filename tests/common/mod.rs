@@ -84,3 +84,16 @@ pub mod edge;
 pub mod geo;
 pub mod influx;
 pub mod stores;
+
+/// A JWT signed with HMAC-SHA256 under `key`, whose header says `alg` and
+/// names client `kid` (tests set `alg` to other values to forge tokens).
+pub fn hmac_jwt(kid: &str, alg: &str, key: &[u8], claims: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use hmac::Mac as _;
+    let head = B64.encode(serde_json::json!({"alg": alg, "kid": kid, "typ": "JWT"}).to_string());
+    let input = format!("{head}.{}", B64.encode(claims.to_string()));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(input.as_bytes());
+    format!("{input}.{}", B64.encode(mac.finalize().into_bytes()))
+}

@@ -5,10 +5,9 @@ use futures_util::StreamExt as _;
 use futures_util::future::{Either, select};
 use outpost_edge::config::Settings;
 use outpost_edge::kv_cache::{CachedKv, KvCacheState, KvLimits};
-use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse, Upstream, UpstreamAnswer};
-use outpost_edge::shared::client::ClientRecord;
+use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse};
 use outpost_edge::shared::kv::Kv;
-use outpost_edge::upstream::{self, OutboundRequest};
+use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport};
 use worker::{
     AbortController, Context, Date, Delay, Env, Fetch, Headers, Method, Request, RequestInit,
     Response, event, js_sys, kv::KvStore,
@@ -72,8 +71,13 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     };
     edge_req.body = read_bounded(&mut req, settings.edge.max_wire_bytes() + 1).await;
 
-    let upstream = WorkerUpstream {
-        settings: &settings,
+    let upstream = Aggregator {
+        url: &settings.aggregator_url,
+        cfg: &settings.edge,
+        now_ms: env_.now_ms(),
+        transport: WorkerFetch {
+            timeout_ms: settings.upstream_timeout_ms,
+        },
     };
     let resp = match env.kv(KV_BINDING) {
         Ok(store) => {
@@ -174,11 +178,12 @@ impl Kv for WorkerKv {
     }
 }
 
-struct WorkerUpstream<'a> {
-    settings: &'a Settings,
+/// `fetch`, abandoned after the settings' timeout.
+struct WorkerFetch {
+    timeout_ms: u64,
 }
 
-impl WorkerUpstream<'_> {
+impl Transport for WorkerFetch {
     async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), String> {
         let headers = Headers::new();
         for (k, v) in &r.headers {
@@ -215,41 +220,13 @@ impl WorkerUpstream<'_> {
             }
             Ok((status, body))
         };
-        let timeout = Delay::from(Duration::from_millis(self.settings.upstream_timeout_ms));
+        let timeout = Delay::from(Duration::from_millis(self.timeout_ms));
         match select(std::pin::pin!(call), timeout).await {
             Either::Left((result, _)) => result,
             Either::Right(((), _)) => {
                 controller.abort();
-                Err(format!(
-                    "no answer within {} ms",
-                    self.settings.upstream_timeout_ms
-                ))
+                Err(format!("no answer within {} ms", self.timeout_ms))
             }
         }
-    }
-}
-
-impl Upstream for WorkerUpstream<'_> {
-    type Error = String;
-
-    async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, String> {
-        let (status, body) = self
-            .send(upstream::ingest_request(
-                &self.settings.aggregator_url,
-                frame,
-            ))
-            .await?;
-        Ok(upstream::ingest_answer(status, &body))
-    }
-
-    async fn client(&self, id: &str) -> Result<Option<ClientRecord>, String> {
-        let req = upstream::client_request(
-            &self.settings.aggregator_url,
-            &self.settings.edge,
-            id,
-            WorkerEnv.now_ms() / 1000,
-        );
-        let (status, body) = self.send(req).await?;
-        upstream::client_answer(status, &body)
     }
 }

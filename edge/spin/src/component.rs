@@ -3,10 +3,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use http_body_util::{BodyExt as _, Full, Limited};
 use outpost_edge::config::{Settings, VARIABLES};
-use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse, Upstream, UpstreamAnswer};
-use outpost_edge::shared::client::ClientRecord;
+use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse};
 use outpost_edge::shared::kv::Kv;
-use outpost_edge::upstream::{self, OutboundRequest};
+use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport};
 use spin_sdk::http::{HeaderName, HeaderValue, Request, StatusCode};
 use spin_sdk::key_value::Store;
 use spin_sdk::wasip3::http::types::RequestOptions;
@@ -64,8 +63,13 @@ async fn handle(req: Request) -> http::Response<Full<bytes::Bytes>> {
         Ok(s) => Some(SpinKv(s)),
         Err(_) => None,
     };
-    let upstream = SpinUpstream {
-        settings: &settings,
+    let upstream = Aggregator {
+        url: &settings.aggregator_url,
+        cfg: &settings.edge,
+        now_ms: env.now_ms(),
+        transport: SpinHttp {
+            timeout_ms: settings.upstream_timeout_ms,
+        },
     };
     let resp = match &store {
         Some(kv) => pipeline::handle(edge_req, &settings.edge, kv, &upstream, &env).await,
@@ -198,18 +202,19 @@ impl Kv for NoKv {
     }
 }
 
-struct SpinUpstream<'a> {
-    settings: &'a Settings,
+/// Spin's outbound HTTP, with the settings' timeout on every phase.
+struct SpinHttp {
+    timeout_ms: u64,
 }
 
-impl SpinUpstream<'_> {
+impl Transport for SpinHttp {
     async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), String> {
         let mut req = http::Request::builder().method(r.method).uri(&r.url);
         for (k, v) in &r.headers {
             req = req.header(*k, v);
         }
         let options = RequestOptions::new();
-        let timeout_ns = Some(self.settings.upstream_timeout_ms.saturating_mul(1_000_000));
+        let timeout_ns = Some(self.timeout_ms.saturating_mul(1_000_000));
         // A host that does not support a timeout still has its own.
         let _ = options.set_connect_timeout(timeout_ns);
         let _ = options.set_first_byte_timeout(timeout_ns);
@@ -228,30 +233,5 @@ impl SpinUpstream<'_> {
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
         Ok((status, body.to_vec()))
-    }
-}
-
-impl Upstream for SpinUpstream<'_> {
-    type Error = String;
-
-    async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, String> {
-        let (status, body) = self
-            .send(upstream::ingest_request(
-                &self.settings.aggregator_url,
-                frame,
-            ))
-            .await?;
-        Ok(upstream::ingest_answer(status, &body))
-    }
-
-    async fn client(&self, id: &str) -> Result<Option<ClientRecord>, String> {
-        let req = upstream::client_request(
-            &self.settings.aggregator_url,
-            &self.settings.edge,
-            id,
-            SpinEnv.now_ms() / 1000,
-        );
-        let (status, body) = self.send(req).await?;
-        upstream::client_answer(status, &body)
     }
 }
