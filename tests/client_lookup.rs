@@ -64,9 +64,7 @@ async fn an_edge_reads_client_records_with_its_signed_key_and_nothing_else_does(
         String::from_utf8_lossy(&created.stderr)
     );
     let created: Value = serde_json::from_slice(&created.stdout).unwrap();
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(created["secret"].as_str().unwrap())
-        .unwrap();
+    let secret = created["secret"].as_str().unwrap().as_bytes().to_vec();
 
     let path = "/internal/v1/clients/acme-server";
     let ok = get(&agg, path, EDGE_KEY_ID, EDGE_SECRET, now()).await;

@@ -111,19 +111,23 @@ fn new_credential(
     public_key_file: Option<&std::path::Path>,
 ) -> anyhow::Result<(KeyMaterial, Value)> {
     let secret = random_bytes::<32>();
+    // Shared secrets are 43 characters of base64url text, and that text
+    // itself is the key: `openssl -hmac "$SECRET"`, Python's
+    // `secret.encode()` and JWT libraries all take it as printed.
+    let text = B64.encode(secret);
     Ok(match method {
         MethodArg::WriteKey => bail!("write-key clients have no credential: the id is the key"),
         MethodArg::Hmac => (
             KeyMaterial::HmacSecret {
-                secret: Secret::new(secret.to_vec()),
+                secret: Secret::new(text.clone().into_bytes()),
             },
-            json!({"secret": B64.encode(secret)}),
+            json!({"secret": text}),
         ),
         MethodArg::JwtHs256 => (
             KeyMaterial::JwtSecret {
-                secret: Secret::new(secret.to_vec()),
+                secret: Secret::new(text.clone().into_bytes()),
             },
-            json!({"jwt_secret": B64.encode(secret)}),
+            json!({"jwt_secret": text}),
         ),
         MethodArg::ApiKey => {
             let key = api_key::format(id, &secret);
