@@ -139,13 +139,15 @@ async fn hmac_secrets_are_sealed_at_rest_and_sign_produces_valid_headers() {
             "100/60",
         ],
     );
-    let secret = B64.decode(created["secret"].as_str().unwrap()).unwrap();
+    // The key is the secret's text, as printed.
+    let secret = created["secret"].as_str().unwrap().as_bytes().to_vec();
     // What the table holds is not the secret.
     let stored: Value = sqlx::query_scalar("SELECT record FROM clients WHERE id = 'backend'")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     let at_rest = stored["credentials"][0]["key"]["secret"].as_str().unwrap();
+    assert_ne!(at_rest.as_bytes(), secret);
     assert_ne!(B64.decode(at_rest).unwrap(), secret);
     assert!(
         !stored
@@ -321,7 +323,7 @@ async fn jwt_callers_of_the_read_api_get_what_both_client_and_token_grant() {
             "read:events,read:stats",
         ],
     );
-    let secret = B64.decode(created["jwt_secret"].as_str().unwrap()).unwrap();
+    let secret = created["jwt_secret"].as_str().unwrap().as_bytes().to_vec();
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -47,8 +47,19 @@ fn readme_limits_are_the_defaults() {
 }
 
 #[test]
-fn readme_quick_start_run_command_works() {
+fn readme_quick_start_runs_outpost_dev_through_scripts_dev() {
+    // tests/dev.rs runs `outpost dev` and every command it prints; this
+    // pins the quick start to the script that starts it.
     let block = fenced_block_after(&readme(), "quick-start-run");
+    assert_eq!(block.trim(), "./scripts/dev");
+    let script = std::fs::read_to_string(outpost_tests::repo_root().join("scripts/dev")).unwrap();
+    assert!(script.contains("./scripts/build-edge spin"), "{script}");
+    assert!(script.contains("/debug/outpost\" dev"), "{script}");
+}
+
+#[test]
+fn readme_validate_example_works() {
+    let block = fenced_block_after(&readme(), "example: validate");
     let cmd = block.lines().next().unwrap();
     let prefix = "cargo run -q --bin outpost --";
     assert!(cmd.starts_with(prefix), "quick start changed shape: {cmd}");

@@ -211,6 +211,19 @@ async fn redis_down_fails_open_and_postgres_still_drops_duplicates() {
         agg.metric("outpost_dedup_errors_total").await >= 1.0
     })
     .await;
+    // The stats rollups count what was stored, not what was written twice.
+    let counted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT dim, sum(events)::int8 FROM event_counts WHERE client_id = 'acme-web' GROUP BY dim ORDER BY dim",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        counted.len(),
+        8,
+        "all events and seven dimensions: {counted:?}"
+    );
+    assert!(counted.iter().all(|(_, n)| *n == 5), "{counted:?}");
 }
 
 #[tokio::test]

@@ -17,12 +17,45 @@ fn key(id: &str) -> String {
     api_key::format(id, id.as_bytes())
 }
 
-async fn add_client(db: &TestDb, id: &str, permissions: &[&str]) {
+/// Where the aggregator keeps events and clients in a test.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Postgres,
+    Sqlite,
+}
+
+/// The store, as the test reaches it directly (to add clients and count
+/// rows): a PostgreSQL database of its own, or the SQLite file the
+/// aggregator created and migrated in a temporary directory.
+enum Store {
+    Postgres(TestDb),
+    Sqlite {
+        _dir: tempfile::TempDir,
+        pool: sqlx::SqlitePool,
+    },
+}
+
+impl Store {
+    async fn count_events(&self, client: &str) -> i64 {
+        match self {
+            Store::Postgres(db) => db.count_events(client).await,
+            Store::Sqlite { pool, .. } => {
+                sqlx::query_scalar("SELECT count(*) FROM events WHERE client_id = ?")
+                    .bind(client)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+}
+
+async fn add_client(db: &Store, id: &str, permissions: &[&str]) {
     add_limited_client(db, id, permissions, None).await
 }
 
 async fn add_limited_client(
-    db: &TestDb,
+    db: &Store,
     id: &str,
     permissions: &[&str],
     rate_limit: Option<outpost_shared::ratelimit::RateLimit>,
@@ -45,25 +78,63 @@ async fn add_limited_client(
         active: true,
         expires_at: None,
     };
-    sqlx::query("INSERT INTO clients (id, record) VALUES ($1, $2)")
-        .bind(id)
-        .bind(sqlx::types::Json(&record))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    match db {
+        Store::Postgres(db) => {
+            sqlx::query("INSERT INTO clients (id, record) VALUES ($1, $2)")
+                .bind(id)
+                .bind(sqlx::types::Json(&record))
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+        Store::Sqlite { pool, .. } => {
+            sqlx::query("INSERT INTO clients (id, record, updated_at) VALUES (?, ?, 0)")
+                .bind(id)
+                .bind(sqlx::types::Json(&record))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
 }
 
 struct Fixture {
     agg: Aggregator,
-    _db: TestDb,
+    db: Store,
     _redis: TestRedis,
     /// (event id, timestamp ms, name, user id) of acme-web's events.
     acme: Vec<(String, i64, String, String)>,
 }
 
 async fn fixture() -> Fixture {
-    let (db, redis) = (TestDb::new().await, TestRedis::new());
-    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
+    fixture_on(Kind::Postgres).await
+}
+
+async fn fixture_on(kind: Kind) -> Fixture {
+    let redis = TestRedis::new();
+    let (agg, db) = match kind {
+        Kind::Postgres => {
+            let db = TestDb::new().await;
+            let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
+            (agg, Store::Postgres(db))
+        }
+        Kind::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("events.db");
+            let config = store_config("postgres://unused", &redis).replace(
+                "[postgres]\n",
+                &format!(
+                    "[sqlite]\nenabled = true\npath = \"{}\"\n\n[postgres]\nenabled = false\n",
+                    file.display()
+                ),
+            );
+            let agg = Aggregator::start(&config).await;
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", file.display()))
+                .await
+                .unwrap();
+            (agg, Store::Sqlite { _dir: dir, pool })
+        }
+    };
     add_client(
         &db,
         "acme-web",
@@ -108,10 +179,26 @@ async fn fixture() -> Fixture {
     .await;
     Fixture {
         agg,
-        _db: db,
+        db,
         _redis: redis,
         acme,
     }
+}
+
+/// One test per store for a test body taking a [`Kind`].
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn on_postgres() {
+                super::$name(super::Kind::Postgres).await
+            }
+            #[tokio::test]
+            async fn on_sqlite() {
+                super::$name(super::Kind::Sqlite).await
+            }
+        }
+    };
 }
 
 /// `GET <path>?<query>` as client `who`: status and JSON body.
@@ -141,9 +228,9 @@ fn ids(page: &Value) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn paging_forward_then_back_visits_every_row_once_in_order() {
-    let f = fixture().await;
+on_both_stores!(paging_forward_then_back_visits_every_row_once_in_order);
+async fn paging_forward_then_back_visits_every_row_once_in_order(kind: Kind) {
+    let f = fixture_on(kind).await;
     for order in ["desc", "asc"] {
         let mut pages = Vec::new();
         let (status, mut page) = get(&f, "acme-web", &format!("order={order}&limit=37")).await;
@@ -202,9 +289,9 @@ async fn paging_forward_then_back_visits_every_row_once_in_order() {
     }
 }
 
-#[tokio::test]
-async fn filters_select_exactly_the_matching_rows() {
-    let f = fixture().await;
+on_both_stores!(filters_select_exactly_the_matching_rows);
+async fn filters_select_exactly_the_matching_rows(kind: Kind) {
+    let f = fixture_on(kind).await;
     let day = |ms: i64| chrono_day(ms);
     let newest = f.acme.iter().map(|e| e.1).max().unwrap();
     let today = day(newest);
@@ -239,9 +326,9 @@ fn chrono_day(ms: i64) -> String {
     Timestamp(ms).to_rfc3339().unwrap()[..10].to_owned()
 }
 
-#[tokio::test]
-async fn callers_see_only_what_they_may() {
-    let f = fixture().await;
+on_both_stores!(callers_see_only_what_they_may);
+async fn callers_see_only_what_they_may(kind: Kind) {
+    let f = fixture_on(kind).await;
     let (_, own) = get(&f, "acme-web", "limit=1000").await;
     assert!(
         own["data"]
@@ -285,9 +372,9 @@ async fn callers_see_only_what_they_may() {
     assert_eq!(wrong.json::<Value>().await.unwrap()["code"], 40103);
 }
 
-#[tokio::test]
-async fn bad_parameters_and_altered_cursors_are_refused() {
-    let f = fixture().await;
+on_both_stores!(bad_parameters_and_altered_cursors_are_refused);
+async fn bad_parameters_and_altered_cursors_are_refused(kind: Kind) {
+    let f = fixture_on(kind).await;
     let (status, body) = get(&f, "acme-web", "colour=red").await;
     assert_eq!((status, body["code"].as_u64()), (400, Some(40014)));
     assert!(body["message"].as_str().unwrap().contains("colour"));
@@ -362,14 +449,14 @@ async fn stats(f: &Fixture, who: &str, query: &str) -> (u16, Value) {
     call(f, "/v1/stats", who, query).await
 }
 
-#[tokio::test]
-async fn stats_count_events_per_bucket_and_group() {
-    let f = fixture().await;
+on_both_stores!(stats_count_events_per_bucket_and_group);
+async fn stats_count_events_per_bucket_and_group(kind: Kind) {
+    let f = fixture_on(kind).await;
     let from = chrono_day(f.acme.iter().map(|e| e.1).min().unwrap());
     let (status, body) = stats(
         &f,
         "acme-web",
-        &format!("bucket=day&group_by=name&from={from}"),
+        &format!("bucket=day&group_by=name&users=true&from={from}"),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -401,8 +488,70 @@ async fn stats_count_events_per_bucket_and_group() {
     }
     let total: u64 = series.iter().map(|p| p["events"].as_u64().unwrap()).sum();
     assert_eq!(total, 300, "own events only, all of them");
-    // Ungrouped hours add up the same.
+    assert_eq!(
+        body["source"], "events",
+        "distinct users are counted from rows"
+    );
+    // Without users, PostgreSQL answers from the per-minute rollups: the
+    // same counts as the rows give.
+    let counts = |v: &Value| -> Vec<(String, String, u64)> {
+        v["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["bucket"].as_str().unwrap().to_owned(),
+                    p["name"].as_str().unwrap_or("").to_owned(),
+                    p["events"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (_, quick) = stats(
+        &f,
+        "acme-web",
+        &format!("bucket=day&group_by=name&from={from}"),
+    )
+    .await;
+    let expected_source = match kind {
+        Kind::Postgres => "rollup",
+        Kind::Sqlite => "events",
+    };
+    assert_eq!(quick["source"], expected_source, "{quick}");
+    assert_eq!(counts(&quick), counts(&body));
+    // A filter on the grouped dimension is answered from rollups too; one on
+    // another dimension needs the rows. Both count the same.
+    for (query, source) in [
+        ("group_by=name&name=checkout", expected_source),
+        ("group_by=name&level=info", "events"),
+        ("group_by=name&user_id=u1", "events"),
+    ] {
+        let (_, filtered) = stats(&f, "acme-web", &format!("bucket=day&{query}&from={from}")).await;
+        assert_eq!(filtered["source"], source, "{query}: {filtered}");
+        let total: u64 = filtered["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["events"].as_u64().unwrap())
+            .sum();
+        let want = f
+            .acme
+            .iter()
+            .filter(|e| match query {
+                "group_by=name&name=checkout" => e.2 == "checkout",
+                "group_by=name&user_id=u1" => e.3 == "u1",
+                _ => false, // no event has a level
+            })
+            .count();
+        assert_eq!(total as usize, want, "{query}");
+    }
+    // Ungrouped hours add up the same; distinct users only when asked.
     let (_, hourly) = stats(&f, "acme-web", &format!("bucket=hour&from={from}")).await;
+    assert!(
+        hourly["series"][0].get("users").is_none(),
+        "users only with users=true: {hourly}"
+    );
     let hourly_total: u64 = hourly["series"]
         .as_array()
         .unwrap()
@@ -442,7 +591,7 @@ async fn stats_need_read_stats_and_valid_parameters() {
         200,
         "admin:* may"
     );
-    for bad in ["bucket=week", "group_by=user_id", "order=asc"] {
+    for bad in ["bucket=week", "group_by=user_id", "order=asc", "users=yes"] {
         let (status, body) = stats(&f, "acme-web", bad).await;
         assert_eq!((status, body["code"].as_u64()), (400, Some(40014)), "{bad}");
     }
@@ -485,7 +634,7 @@ async fn the_readme_stats_example_runs() {
 async fn each_caller_is_held_to_its_rate_limit() {
     let f = fixture().await;
     add_limited_client(
-        &f._db,
+        &f.db,
         "dashboard",
         &["read:events"],
         Some(outpost_shared::ratelimit::RateLimit {

@@ -12,20 +12,33 @@ use tokio::sync::watch;
 
 use crate::clients::ClientStore;
 use crate::config::Config;
+use crate::db::Db;
 use crate::dedup::Dedup;
 use crate::delivery::{self, DeliveryContext};
 use crate::geoip::GeoIp;
 use crate::http::{AppState, router};
 use crate::sinks::influxdb::InfluxSink;
 use crate::sinks::postgres::PostgresSink;
+use crate::sinks::sqlite::SqliteSink;
 use crate::spool::Spool;
 use crate::telemetry::Metrics;
 
 /// Longest the sink workers may keep draining after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs the aggregator until a shutdown signal.
+/// Runs the aggregator until a shutdown signal, sealing client secrets with
+/// `OUTPOST_SECRETS_KEY`.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let secrets_key = crate::clients::SecretsKey::from_env()?;
+    serve_until(config, secrets_key, shutdown_signal()).await
+}
+
+/// Runs the aggregator until `shutdown` resolves.
+pub async fn serve_until(
+    config: Config,
+    secrets_key: Option<crate::clients::SecretsKey>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
 
@@ -43,9 +56,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let sqlite = if config.sqlite.enabled {
+        Some(SqliteSink::open(&config.sqlite).await.with_context(|| {
+            format!(
+                "opening the SQLite store at {}",
+                config.sqlite.path.display()
+            )
+        })?)
+    } else {
+        None
+    };
+    let db = match (&postgres, &sqlite) {
+        (Some(pg), _) => Some(Db::Postgres(pg.pool().clone())),
+        (None, Some(lite)) => Some(Db::Sqlite(lite.pool().clone())),
+        (None, None) => None,
+    };
     let mut sinks = Vec::new();
     if postgres.is_some() {
         sinks.push("postgres");
+    }
+    if sqlite.is_some() {
+        sinks.push("sqlite");
     }
     if influx.is_some() {
         sinks.push("influxdb");
@@ -64,7 +95,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let geoip = Arc::new(GeoIp::open(&config.geoip, metrics.clone()));
     geoip.spawn_reloader(Duration::from_secs(config.geoip.reload_check_secs));
 
-    let secrets_key = crate::clients::SecretsKey::from_env()?;
     if secrets_key.is_none() {
         tracing::warn!(
             "OUTPOST_SECRETS_KEY is not set: clients with HMAC or HS256 secrets cannot be served"
@@ -85,6 +115,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(pg) = &postgres {
         workers.extend(delivery::spawn(pg, &ctx, &stop_rx));
     }
+    if let Some(lite) = &sqlite {
+        workers.extend(delivery::spawn(lite, &ctx, &stop_rx));
+    }
     if let Some(influx) = &influx {
         workers.extend(delivery::spawn(influx, &ctx, &stop_rx));
     }
@@ -97,9 +130,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         registry,
         dedup,
-        clients: postgres
+        clients: db
             .as_ref()
-            .map(|pg| ClientStore::new(pg.pool().clone(), secrets_key.clone())),
+            .map(|db| ClientStore::new(db.clone(), secrets_key.clone())),
         // Cursors are signed with a key derived from the first edge key:
         // rotating it invalidates outstanding cursors, nothing else.
         read_limits: outpost_shared::kv::MemoryKv::default(),
@@ -110,7 +143,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .map(|k| k.secret.expose())
                 .unwrap_or_default(),
         ),
-        postgres,
+        db,
         influx,
         retry_after_secs: config.server.retry_after_secs,
         request_timeout: Duration::from_millis(config.server.request_timeout_ms),
@@ -121,7 +154,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.server.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "outpost aggregator listening");
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await?;
 
     tracing::info!("no longer accepting; draining sink workers");

@@ -1,4 +1,4 @@
-//! Client records: stored in PostgreSQL's `clients` table, managed with
+//! Client records: stored in the `clients` table (PostgreSQL or SQLite), managed with
 //! `outpost clients …`, served to edges on `GET /internal/v1/clients/{id}`
 //! (signed with an edge key).
 //!
@@ -16,7 +16,9 @@ use outpost_shared::ErrorCode;
 use outpost_shared::auth::signature::{self, SignedRequest};
 use outpost_shared::client::{ClientRecord, KeyMaterial, Secret, is_valid_client_id};
 use outpost_shared::frame::KeyRing;
-use sqlx::PgPool;
+use sqlx::types::Json;
+
+use crate::db::Db;
 
 /// The environment variable holding the sealing key.
 pub const SECRETS_KEY_ENV: &str = "OUTPOST_SECRETS_KEY";
@@ -135,14 +137,14 @@ fn has_secrets(record: &ClientRecord) -> bool {
 /// Where records live.
 #[derive(Clone)]
 pub struct ClientStore {
-    pool: PgPool,
+    db: Db,
     key: Option<SecretsKey>,
 }
 
 impl ClientStore {
-    /// A store on the aggregator's PostgreSQL.
-    pub fn new(pool: PgPool, key: Option<SecretsKey>) -> ClientStore {
-        ClientStore { pool, key }
+    /// A store on the aggregator's database.
+    pub fn new(db: Db, key: Option<SecretsKey>) -> ClientStore {
+        ClientStore { db, key }
     }
 
     /// The record for `id`, secrets unsealed; `Ok(None)` when there is none.
@@ -150,11 +152,20 @@ impl ClientStore {
         if !is_valid_client_id(id) {
             return Ok(None);
         }
-        let row: Option<sqlx::types::Json<ClientRecord>> =
-            sqlx::query_scalar("SELECT record FROM clients WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row: Option<Json<ClientRecord>> = match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query_scalar("SELECT record FROM clients WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(p)
+                    .await?
+            }
+            Db::Sqlite(p) => {
+                sqlx::query_scalar("SELECT record FROM clients WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(p)
+                    .await?
+            }
+        };
         let Some(mut record) = row.map(|r| r.0) else {
             return Ok(None);
         };
@@ -167,10 +178,11 @@ impl ClientStore {
 
     /// Every record, secrets left sealed (for listings).
     pub async fn list(&self) -> Result<Vec<ClientRecord>, StoreError> {
-        let rows: Vec<sqlx::types::Json<ClientRecord>> =
-            sqlx::query_scalar("SELECT record FROM clients ORDER BY id")
-                .fetch_all(&self.pool)
-                .await?;
+        const SQL: &str = "SELECT record FROM clients ORDER BY id";
+        let rows: Vec<Json<ClientRecord>> = match &self.db {
+            Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_all(p).await?,
+            Db::Sqlite(p) => sqlx::query_scalar(SQL).fetch_all(p).await?,
+        };
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
@@ -181,25 +193,46 @@ impl ClientStore {
             let key = self.key.as_ref().ok_or(StoreError::NoKey)?;
             map_secrets(&mut sealed, key, true)?;
         }
-        sqlx::query(
-            "INSERT INTO clients (id, record) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, updated_at = now()",
-        )
-        .bind(&record.id)
-        .bind(sqlx::types::Json(&sealed))
-        .execute(&self.pool)
-        .await?;
+        match &self.db {
+            Db::Postgres(p) => {
+                sqlx::query(
+                    "INSERT INTO clients (id, record) VALUES ($1, $2) \
+                     ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, updated_at = now()",
+                )
+                .bind(&record.id)
+                .bind(Json(&sealed))
+                .execute(p)
+                .await?;
+            }
+            Db::Sqlite(p) => {
+                sqlx::query(
+                    "INSERT INTO clients (id, record, updated_at) VALUES (?, ?, unixepoch()) \
+                     ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at",
+                )
+                .bind(&record.id)
+                .bind(Json(&sealed))
+                .execute(p)
+                .await?;
+            }
+        }
         Ok(())
     }
 
     /// Deletes a record; whether one existed.
     pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("DELETE FROM clients WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?
-            .rows_affected()
-            > 0)
+        let done = match &self.db {
+            Db::Postgres(p) => sqlx::query("DELETE FROM clients WHERE id = $1")
+                .bind(id)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Db::Sqlite(p) => sqlx::query("DELETE FROM clients WHERE id = ?")
+                .bind(id)
+                .execute(p)
+                .await?
+                .rows_affected(),
+        };
+        Ok(done > 0)
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Config {
     pub dedup: DedupConfig,
     /// The PostgreSQL sink.
     pub postgres: PostgresConfig,
+    /// The embedded SQLite store, in place of PostgreSQL (`outpost dev`).
+    pub sqlite: SqliteConfig,
     /// The InfluxDB sink.
     pub influxdb: InfluxConfig,
     /// GeoIP enrichment.
@@ -183,6 +185,27 @@ impl Default for PostgresConfig {
     }
 }
 
+/// `[sqlite]`: events, client records and the query API in one SQLite
+/// file instead of PostgreSQL, for one machine (`outpost dev`, small
+/// installs). Turn `[postgres]` off when this is on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqliteConfig {
+    /// Whether the SQLite store is on.
+    pub enabled: bool,
+    /// The database file (created, with its directory, when missing).
+    pub path: PathBuf,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig {
+            enabled: false,
+            path: PathBuf::from("data/events.db"),
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -214,7 +237,8 @@ impl Default for LogConfig {
 
 const ENV_PREFIX: &str = "OUTPOST_";
 const SECTIONS: &[&str] = &[
-    "server", "spool", "delivery", "dedup", "postgres", "influxdb", "geoip", "limits", "log",
+    "server", "spool", "delivery", "dedup", "postgres", "sqlite", "influxdb", "geoip", "limits",
+    "log",
 ];
 
 impl Config {
@@ -255,6 +279,11 @@ impl Config {
             if k.secret.expose().len() < 32 {
                 bail!("edge key {:?}: the secret must be at least 32 bytes", k.id);
             }
+        }
+        if self.postgres.enabled && self.sqlite.enabled {
+            bail!(
+                "[postgres] and [sqlite] are both enabled: events and client records live in one of them"
+            );
         }
         if self.dedup.backend == DedupBackend::Redis && self.dedup.redis_urls.is_empty() {
             bail!("dedup.backend = \"redis\" needs dedup.redis_urls");

@@ -18,11 +18,11 @@ use outpost_shared::{ErrorCode, ErrorEnvelope, FieldError};
 use prometheus_client::registry::Registry;
 
 use crate::clients::{ClientStore, verify_edge_request};
+use crate::db::Db;
 use crate::dedup::Dedup;
 use crate::delivery::now_ms;
 use crate::sinks::Sink as _;
 use crate::sinks::influxdb::InfluxSink;
-use crate::sinks::postgres::PostgresSink;
 use crate::spool::{Spool, SpoolEntry, SpoolError};
 use crate::telemetry::{CodeLabel, Metrics};
 
@@ -47,9 +47,10 @@ pub struct AppState {
     pub registry: Registry,
     /// Dedup (for readiness).
     pub dedup: Arc<Dedup>,
-    /// The PostgreSQL sink, when enabled (for readiness).
-    pub postgres: Option<PostgresSink>,
-    /// Client records, when PostgreSQL is configured.
+    /// The database events are read from (PostgreSQL or SQLite), when one
+    /// is configured (for the read API and readiness).
+    pub db: Option<Db>,
+    /// Client records, when a database is configured.
     pub clients: Option<ClientStore>,
     /// Signs query cursors.
     pub cursor_key: crate::query::CursorKey,
@@ -334,10 +335,10 @@ async fn stats(State(app): State<Arc<AppState>>, headers: HeaderMap, params: Raw
 
 async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: ReadApi) -> Response {
     let id = request_id(headers);
-    let (Some(store), Some(pg)) = (&app.clients, &app.postgres) else {
+    let (Some(store), Some(db)) = (&app.clients, &app.db) else {
         return error_response(
             ErrorCode::DependencyUnavailable,
-            Some("the query API needs PostgreSQL".into()),
+            Some("the query API needs PostgreSQL or SQLite".into()),
             &id,
             Some(app.retry_after_secs),
         );
@@ -383,10 +384,8 @@ async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: Re
         }
     }
     let result = match api {
-        ReadApi::Events => {
-            crate::query::events_page(pg.pool(), &app.cursor_key, &who, &params).await
-        }
-        ReadApi::Stats => crate::query::stats(pg.pool(), &who, &params, now).await,
+        ReadApi::Events => crate::query::events_page(db, &app.cursor_key, &who, &params).await,
+        ReadApi::Stats => crate::query::stats(db, &who, &params, now).await,
     };
     match result {
         Ok(mut page) => {
@@ -412,10 +411,10 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
     let spool = app.spool.ping().await;
     checks.insert("spool".into(), status(spool));
     let mut degraded = false;
-    if let Some(pg) = &app.postgres {
-        let up = pg.ping().await;
+    if let Some(db) = &app.db {
+        let up = db.ping().await;
         degraded |= !up;
-        checks.insert("postgres".into(), status(up));
+        checks.insert(db.name().into(), status(up));
     }
     if let Some(influx) = &app.influx {
         let up = influx.ping().await;

@@ -30,6 +30,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Everything on this machine, nothing to install: the aggregator on
+    /// SQLite with in-process dedup, the edge under wasmtime, demo clients,
+    /// and ready-to-paste examples.
+    Dev {
+        /// Directory for the spool, the SQLite store and credentials.json.
+        #[arg(long, default_value = ".outpost-dev")]
+        dir: std::path::PathBuf,
+        /// The aggregator's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// The edge's address.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        edge_listen: std::net::SocketAddr,
+        /// The Spin component (default: where `scripts/build-edge spin` puts it).
+        #[arg(long)]
+        component: Option<std::path::PathBuf>,
+    },
     /// Run the aggregator.
     Serve {
         /// TOML config file; `OUTPOST_*` environment variables override it.
@@ -83,9 +100,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Manage client records (kept in the aggregator's PostgreSQL).
+    /// Manage client records (kept in the aggregator's PostgreSQL or SQLite).
     Clients {
-        /// TOML config file (`[postgres]` is used); secrets are sealed with OUTPOST_SECRETS_KEY.
+        /// TOML config file (`[postgres]` or `[sqlite]` is used); secrets are sealed with OUTPOST_SECRETS_KEY.
         #[arg(long, short, env = "OUTPOST_CONFIG", global = true)]
         config: Option<std::path::PathBuf>,
         /// Print JSON.
@@ -102,9 +119,9 @@ enum Command {
         #[command(subcommand)]
         command: GeoipCommand,
     },
-    /// Apply the PostgreSQL migrations and exit.
+    /// Apply the database migrations (PostgreSQL, or SQLite with `[sqlite]`) and exit.
     Migrate {
-        /// TOML config file (only `[postgres] url` is used).
+        /// TOML config file (only `[postgres]` or `[sqlite]` is used).
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
@@ -276,6 +293,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Dev {
+            dir,
+            listen,
+            edge_listen,
+            component,
+        } => {
+            let log = outpost_aggregator::config::LogConfig {
+                level: "warn,outpost_aggregator=info".into(),
+                ..Default::default()
+            };
+            outpost_aggregator::telemetry::init_logging(&log);
+            let opts = outpost_aggregator::dev_cmd::DevOptions {
+                dir,
+                listen,
+                edge_listen,
+                component,
+            };
+            runtime()?.block_on(outpost_aggregator::dev_cmd::run(opts))?;
+        }
         Command::Serve { config } => {
             let config = outpost_aggregator::config::Config::load(config.as_deref())?;
             outpost_aggregator::telemetry::init_logging(&config.log);
@@ -332,11 +368,9 @@ fn main() -> anyhow::Result<()> {
             use outpost_aggregator::clients_cmd as cmd;
             let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
             let out = runtime()?.block_on(async {
-                let pg =
-                    outpost_aggregator::sinks::postgres::PostgresSink::connect(&config.postgres)
-                        .await?;
+                let db = outpost_aggregator::db::open(&config).await?;
                 let store = outpost_aggregator::clients::ClientStore::new(
-                    pg.pool().clone(),
+                    db,
                     outpost_aggregator::clients::SecretsKey::from_env()?,
                 );
                 match command {
@@ -399,9 +433,8 @@ fn main() -> anyhow::Result<()> {
             let mut config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
             config.postgres.migrate_on_start = true;
             runtime()?.block_on(async {
-                outpost_aggregator::sinks::postgres::PostgresSink::connect(&config.postgres)
-                    .await?;
-                println!("migrations applied");
+                let db = outpost_aggregator::db::open(&config).await?;
+                println!("migrations applied ({})", db.name());
                 anyhow::Ok(())
             })?;
         }

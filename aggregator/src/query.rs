@@ -28,9 +28,10 @@ use outpost_shared::client::{AuthMethod, ClientRecord};
 use outpost_shared::event::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use sqlx::{PgPool, QueryBuilder, Row as _};
+use sqlx::{Database, Encode, QueryBuilder, Type};
 
 use crate::clients::ClientStore;
+use crate::db::Db;
 
 /// Largest page.
 pub const MAX_LIMIT: i64 = 1000;
@@ -171,23 +172,74 @@ fn scope_to_caller(q: &mut Query, who: &ClientRecord) -> Result<(), QueryError> 
     }
 }
 
+/// Where the two databases' SQL differs. Everything else is the same text.
+struct Dialect {
+    /// The time column as stored (`timestamptz` or integer µs).
+    ts: &'static str,
+    /// Turns a bound integer of microseconds into a value comparable to `ts`.
+    micros: (&'static str, &'static str),
+    /// The event columns of a page, named as [`EventRow`] expects.
+    columns: &'static str,
+    /// A typed NULL (the group column when there is no group).
+    null_text: &'static str,
+    /// Cast of an aggregate to a 64-bit integer.
+    int8: &'static str,
+}
+
+const POSTGRES: Dialect = Dialect {
+    ts: "ts",
+    // An immutable expression of the parameter: the (…, ts, id) indexes apply.
+    micros: (
+        "('epoch'::timestamptz + (",
+        "::int8 * interval '1 microsecond'))",
+    ),
+    columns: "id, (extract(epoch from ts) * 1000000)::int8 AS ts_us, client_id, event_id, kind, name, \
+              message, level, user_id, anonymous_id, session_id, properties::text AS properties, \
+              context::text AS context, trace_id, span_id, seq, priority, \
+              (extract(epoch from received_at) * 1000)::int8 AS received_ms, country, region, city, asn",
+    null_text: "NULL::text",
+    int8: "::int8",
+};
+
+const SQLITE: Dialect = Dialect {
+    ts: "ts_us",
+    micros: ("(", ")"),
+    columns: "id, ts_us, client_id, event_id, kind, name, message, level, user_id, anonymous_id, \
+              session_id, properties, context, trace_id, span_id, seq, priority, received_ms, \
+              country, region, city, asn",
+    null_text: "NULL",
+    int8: "",
+};
+
+fn dialect(db: &Db) -> &'static Dialect {
+    match db {
+        Db::Postgres(_) => &POSTGRES,
+        Db::Sqlite(_) => &SQLITE,
+    }
+}
+
 /// `AND column = $n …` for the filters and time range, all bound.
-fn push_filters(sql: &mut QueryBuilder<'_, sqlx::Postgres>, q: &Query) {
+fn push_filters<'a, DB: Database>(sql: &mut QueryBuilder<'a, DB>, d: &Dialect, q: &Query)
+where
+    String: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+{
     for (name, column) in TEXT_FILTERS {
         if let Some(v) = q.filters.get(*name) {
             sql.push(format_args!(" AND {column} = "))
                 .push_bind(v.clone());
         }
     }
+    let (open, close) = d.micros;
     if let Some(f) = q.from_us {
-        sql.push(" AND ts >= to_timestamp(")
-            .push_bind(f as f64 / 1e6)
-            .push(")");
+        sql.push(format_args!(" AND {} >= {open}", d.ts))
+            .push_bind(f)
+            .push(close);
     }
     if let Some(t) = q.to_us {
-        sql.push(" AND ts < to_timestamp(")
-            .push_bind(t as f64 / 1e6)
-            .push(")");
+        sql.push(format_args!(" AND {} < {open}", d.ts))
+            .push_bind(t)
+            .push(close);
     }
 }
 
@@ -209,7 +261,7 @@ const GROUPS: &[(&str, &str)] = &[
 /// grouped by one dimension, with the same filters as `/v1/events`. Without
 /// `from`, the last 24 hours.
 pub async fn stats(
-    pool: &PgPool,
+    db: &Db,
     who: &ClientRecord,
     params: &[(String, String)],
     now_ms: i64,
@@ -227,7 +279,7 @@ pub async fn stats(
         asc: true,
         limit: 0,
     };
-    let (mut bucket, mut group) = ("hour", None);
+    let (mut bucket, mut group, mut with_users) = ("hour", None, false);
     for (k, v) in params {
         if common_param(&mut q, k, v)? {
             continue;
@@ -239,6 +291,13 @@ pub async fn stats(
                     "hour" => "hour",
                     "day" => "day",
                     _ => return Err(QueryError::param(k, "minute, hour or day")),
+                }
+            }
+            "users" => {
+                with_users = match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(QueryError::param(k, "true or false")),
                 }
             }
             "group_by" => {
@@ -253,22 +312,23 @@ pub async fn stats(
         }
     }
     scope_to_caller(&mut q, who)?;
+    // The last 24 hours, from the start of that minute.
     q.from_us
-        .get_or_insert(now_ms.saturating_sub(86_400_000) * 1000);
-    // `bucket` and `column` come from the fixed lists above, never from input.
-    let column = group.map_or("NULL::text", |(_, c)| c);
-    let mut sql = QueryBuilder::<sqlx::Postgres>::new(format!(
-        "SELECT (extract(epoch from date_trunc('{bucket}', ts AT TIME ZONE 'UTC')) * 1000)::int8 AS b, {column} AS k, \
-         count(*)::int8 AS events, count(DISTINCT user_id)::int8 AS users FROM events WHERE true"
-    ));
-    push_filters(&mut sql, &q);
-    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
-        .push_bind(MAX_STATS_ROWS + 1);
-    let rows = sql
-        .build()
-        .fetch_all(pool)
-        .await
-        .map_err(|e| QueryError(ErrorCode::DependencyUnavailable, e.to_string()))?;
+        .get_or_insert((now_ms.saturating_sub(86_400_000) / 60_000) * 60_000_000);
+    let series = match db {
+        Db::Postgres(p) if !with_users => match rollup_plan(&q, group) {
+            Some(plan) => Some(rollup_stats(p, &plan, &q, bucket).await?),
+            None => None,
+        },
+        _ => None,
+    };
+    let (rows, source) = match series {
+        Some(rows) => (rows, "rollup"),
+        None => (
+            scan_stats(db, &q, bucket, group, with_users).await?,
+            "events",
+        ),
+    };
     if rows.len() as i64 > MAX_STATS_ROWS {
         return Err(QueryError::param(
             "bucket",
@@ -276,20 +336,199 @@ pub async fn stats(
         ));
     }
     let series: Vec<serde_json::Value> = rows
-        .iter()
+        .into_iter()
         .map(|r| {
             let mut v = serde_json::json!({
-                "bucket": Timestamp(r.get::<i64, _>("b")),
-                "events": r.get::<i64, _>("events"),
-                "users": r.get::<i64, _>("users"),
+                "bucket": Timestamp(r.b),
+                "events": r.events,
             });
+            if with_users {
+                v["users"] = serde_json::Value::from(r.users);
+            }
             if let Some((name, _)) = group {
-                v[*name] = serde_json::Value::from(r.get::<Option<String>, _>("k"));
+                v[*name] = serde_json::Value::from(r.k);
             }
             v
         })
         .collect();
-    Ok(serde_json::json!({"bucket": bucket, "group_by": group.map(|(n, _)| *n), "series": series}))
+    Ok(serde_json::json!({
+        "bucket": bucket,
+        "group_by": group.map(|(n, _)| *n),
+        "source": source,
+        "series": series,
+    }))
+}
+
+/// Stats dimensions the PostgreSQL rollups (`event_counts.dim`) count by.
+const ROLLUP_DIMS: &[&str] = &[
+    "kind",
+    "name",
+    "country",
+    "platform",
+    "app_version",
+    "level",
+    "priority",
+];
+
+/// How a stats query is answered from the rollups.
+struct RollupPlan {
+    /// `event_counts.dim`.
+    dim: &'static str,
+    /// `event_counts.value` must equal this (a filter on that dimension).
+    value: Option<String>,
+    /// The group key column.
+    key: &'static str,
+}
+
+/// Whether the rollups can answer exactly: whole minutes, and no filter
+/// but the client and at most one dimension — the grouped one, if any.
+fn rollup_plan(q: &Query, group: Option<&(&str, &str)>) -> Option<RollupPlan> {
+    const MINUTE_US: i64 = 60_000_000;
+    if q.from_us.is_some_and(|f| f % MINUTE_US != 0) || q.to_us.is_some_and(|t| t % MINUTE_US != 0)
+    {
+        return None;
+    }
+    let mut dim_filter = None;
+    for name in q.filters.keys() {
+        if name == "client_id" {
+            continue;
+        }
+        let dim = ROLLUP_DIMS.iter().find(|d| **d == name)?;
+        if dim_filter.replace(*dim).is_some() {
+            return None;
+        }
+    }
+    let value = dim_filter.and_then(|d| q.filters.get(d).cloned());
+    match (group.map(|(n, _)| *n), dim_filter) {
+        (None, f) => Some(RollupPlan {
+            dim: f.unwrap_or(""),
+            value,
+            key: "NULL::text",
+        }),
+        (Some("client"), f) => Some(RollupPlan {
+            dim: f.unwrap_or(""),
+            value,
+            key: "client_id",
+        }),
+        (Some(g), f) if f.is_none_or(|f| f == g) => Some(RollupPlan {
+            dim: ROLLUP_DIMS.iter().find(|d| **d == g)?,
+            value,
+            key: "value",
+        }),
+        _ => None,
+    }
+}
+
+async fn rollup_stats(
+    pool: &sqlx::PgPool,
+    plan: &RollupPlan,
+    q: &Query,
+    bucket: &str,
+) -> Result<Vec<StatsRow>, QueryError> {
+    // `m` and `key` come from fixed lists, never from input.
+    let m = bucket_micros(bucket) / 60_000_000;
+    let mut sql = QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT (minute / {m}) * {m} * 60000 AS b, {} AS k, sum(events)::int8 AS events, \
+         0::int8 AS users FROM event_counts WHERE dim = ",
+        plan.key
+    ));
+    sql.push_bind(plan.dim);
+    if let Some(v) = &plan.value {
+        sql.push(" AND value = ").push_bind(v.clone());
+    }
+    if let Some(c) = q.filters.get("client_id") {
+        sql.push(" AND client_id = ").push_bind(c.clone());
+    }
+    if let Some(f) = q.from_us {
+        sql.push(" AND minute >= ").push_bind(f / 60_000_000);
+    }
+    if let Some(t) = q.to_us {
+        sql.push(" AND minute < ").push_bind(t / 60_000_000);
+    }
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
+        .push_bind(MAX_STATS_ROWS + 1);
+    sql.build_query_as()
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)
+}
+
+/// Stats from the events themselves (SQLite; distinct users; filters the
+/// rollups do not keep).
+async fn scan_stats(
+    db: &Db,
+    q: &Query,
+    bucket: &str,
+    group: Option<&(&str, &str)>,
+    with_users: bool,
+) -> Result<Vec<StatsRow>, QueryError> {
+    // `bucket` and `column` come from the fixed lists above, never from input.
+    let d = dialect(db);
+    let column = group.map_or(d.null_text, |(_, c)| c);
+    let bucket_ms = match db {
+        Db::Postgres(_) => format!(
+            "(extract(epoch from date_trunc('{bucket}', ts AT TIME ZONE 'UTC')) * 1000)::int8"
+        ),
+        Db::Sqlite(_) => {
+            let us = bucket_micros(bucket);
+            format!("(ts_us / {us}) * {us} / 1000")
+        }
+    };
+    let users = if with_users {
+        "count(DISTINCT user_id)"
+    } else {
+        "0"
+    };
+    let int8 = d.int8;
+    let select = format!(
+        "SELECT {bucket_ms} AS b, {column} AS k, count(*){int8} AS events, {users}{int8} AS users \
+         FROM events WHERE true"
+    );
+    match db {
+        Db::Postgres(p) => {
+            let mut sql = stats_sql::<sqlx::Postgres>(select, d, q);
+            sql.build_query_as().fetch_all(p).await
+        }
+        Db::Sqlite(p) => {
+            let mut sql = stats_sql::<sqlx::Sqlite>(select, d, q);
+            sql.build_query_as().fetch_all(p).await
+        }
+    }
+    .map_err(unavailable)
+}
+
+/// One row of a stats answer.
+#[derive(sqlx::FromRow)]
+struct StatsRow {
+    b: i64,
+    k: Option<String>,
+    events: i64,
+    users: i64,
+}
+
+fn bucket_micros(bucket: &str) -> i64 {
+    match bucket {
+        "minute" => 60_000_000,
+        "day" => 86_400_000_000,
+        _ => 3_600_000_000,
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> QueryError {
+    QueryError(ErrorCode::DependencyUnavailable, e.to_string())
+}
+
+fn stats_sql<'a, DB: Database>(select: String, d: &Dialect, q: &Query) -> QueryBuilder<'a, DB>
+where
+    String: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    DB::Arguments<'a>: Default,
+{
+    let mut sql = QueryBuilder::new(select);
+    push_filters(&mut sql, d, q);
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
+        .push_bind(MAX_STATS_ROWS + 1);
+    sql
 }
 
 /// Signs and checks cursors.
@@ -426,7 +665,7 @@ pub async fn caller(
 
 /// One page of events, as JSON.
 pub async fn events_page(
-    pool: &PgPool,
+    db: &Db,
     key: &CursorKey,
     who: &ClientRecord,
     params: &[(String, String)],
@@ -453,40 +692,26 @@ pub async fn events_page(
     let forward = cursor.as_ref().is_none_or(|c| c.forward);
     let asc = q.asc == forward;
 
-    let mut sql = QueryBuilder::<sqlx::Postgres>::new(
-        "SELECT id, (extract(epoch from ts) * 1000000)::int8 AS ts_us, client_id, event_id, kind, name, message, level, \
-         user_id, anonymous_id, session_id, properties, context, trace_id, span_id, seq, priority, \
-         (extract(epoch from received_at) * 1000)::int8 AS received_ms, country, region, city, asn FROM events WHERE true",
-    );
-    push_filters(&mut sql, &q);
-    if let Some(c) = &cursor {
-        // A row comparison on (ts, id) uses the (…, ts, id) indexes; the
-        // cursor's microseconds are added to the epoch exactly.
-        let op = if asc { ">" } else { "<" };
-        sql.push(format_args!(" AND (ts, id) {op} ('epoch'::timestamptz + ("))
-            .push_bind(c.ts)
-            .push("::int8 * interval '1 microsecond'), ")
-            .push_bind(c.id)
-            .push(")");
+    let d = dialect(db);
+    let key_after = cursor.as_ref().map(|c| (c.ts, c.id));
+    let mut rows: Vec<EventRow> = match db {
+        Db::Postgres(p) => {
+            let mut sql = page_sql::<sqlx::Postgres>(d, &q, key_after, asc);
+            sql.build_query_as().fetch_all(p).await
+        }
+        Db::Sqlite(p) => {
+            let mut sql = page_sql::<sqlx::Sqlite>(d, &q, key_after, asc);
+            sql.build_query_as().fetch_all(p).await
+        }
     }
-    let dir = if asc { "ASC" } else { "DESC" };
-    sql.push(format_args!(" ORDER BY ts {dir}, id {dir} LIMIT "))
-        .push_bind(q.limit + 1);
-    let mut rows = sql
-        .build()
-        .fetch_all(pool)
-        .await
-        .map_err(|e| QueryError(ErrorCode::DependencyUnavailable, e.to_string()))?;
+    .map_err(unavailable)?;
     let more = rows.len() as i64 > q.limit;
     rows.truncate(q.limit as usize);
     if !forward {
         rows.reverse();
     }
-    let keys: Vec<(i64, i64)> = rows
-        .iter()
-        .map(|r| (r.get::<i64, _>("ts_us"), r.get::<i64, _>("id")))
-        .collect();
-    let data: Vec<serde_json::Value> = rows.iter().map(row_json).collect();
+    let keys: Vec<(i64, i64)> = rows.iter().map(|r| (r.ts_us, r.id)).collect();
+    let data: Vec<serde_json::Value> = rows.into_iter().map(row_json).collect();
     // In the query's order: there is a next page after the last row when
     // walking forward found more, or when we came back from one.
     let (has_next, has_prev) = if forward {
@@ -511,41 +736,98 @@ pub async fn events_page(
     }))
 }
 
-fn row_json(r: &sqlx::postgres::PgRow) -> serde_json::Value {
-    let ts_us: i64 = r.get("ts_us");
-    let received_ms: i64 = r.get("received_ms");
+/// The page query: filters, then rows after the cursor's key in the order
+/// walked, one more than the page to learn whether there are more.
+fn page_sql<'a, DB: Database>(
+    d: &Dialect,
+    q: &Query,
+    after: Option<(i64, i64)>,
+    asc: bool,
+) -> QueryBuilder<'a, DB>
+where
+    String: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    DB::Arguments<'a>: Default,
+{
+    let mut sql = QueryBuilder::new(format!("SELECT {} FROM events WHERE true", d.columns));
+    push_filters(&mut sql, d, q);
+    if let Some((ts, id)) = after {
+        // A row comparison on (ts, id) uses the (…, ts, id) indexes.
+        let op = if asc { ">" } else { "<" };
+        let (open, close) = d.micros;
+        sql.push(format_args!(" AND ({}, id) {op} ({open}", d.ts))
+            .push_bind(ts)
+            .push(format_args!("{close}, "))
+            .push_bind(id)
+            .push(")");
+    }
+    let dir = if asc { "ASC" } else { "DESC" };
+    sql.push(format_args!(" ORDER BY {} {dir}, id {dir} LIMIT ", d.ts))
+        .push_bind(q.limit + 1);
+    sql
+}
+
+/// One stored event, as both databases return it.
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: i64,
+    ts_us: i64,
+    client_id: String,
+    event_id: String,
+    kind: String,
+    name: Option<String>,
+    message: Option<String>,
+    level: Option<String>,
+    user_id: Option<String>,
+    anonymous_id: Option<String>,
+    session_id: Option<String>,
+    properties: String,
+    context: String,
+    trace_id: Option<String>,
+    span_id: Option<String>,
+    seq: Option<i64>,
+    priority: String,
+    received_ms: i64,
+    country: Option<String>,
+    region: Option<String>,
+    city: Option<String>,
+    asn: Option<i64>,
+}
+
+fn row_json(r: EventRow) -> serde_json::Value {
+    let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap_or_default();
     let mut v = serde_json::json!({
-        "event_id": r.get::<String, _>("event_id"),
-        "client_id": r.get::<String, _>("client_id"),
-        "timestamp": Timestamp(ts_us / 1000),
-        "received_at": Timestamp(received_ms),
-        "kind": r.get::<String, _>("kind"),
-        "priority": r.get::<String, _>("priority"),
-        "properties": r.get::<serde_json::Value, _>("properties"),
-        "context": r.get::<serde_json::Value, _>("context"),
+        "event_id": r.event_id,
+        "client_id": r.client_id,
+        "timestamp": Timestamp(r.ts_us / 1000),
+        "received_at": Timestamp(r.received_ms),
+        "kind": r.kind,
+        "priority": r.priority,
+        "properties": json(&r.properties),
+        "context": json(&r.context),
     });
     if let Some(obj) = v.as_object_mut() {
-        for col in [
-            "name",
-            "message",
-            "level",
-            "user_id",
-            "anonymous_id",
-            "session_id",
-            "trace_id",
-            "span_id",
-            "country",
-            "region",
-            "city",
+        for (col, value) in [
+            ("name", r.name),
+            ("message", r.message),
+            ("level", r.level),
+            ("user_id", r.user_id),
+            ("anonymous_id", r.anonymous_id),
+            ("session_id", r.session_id),
+            ("trace_id", r.trace_id),
+            ("span_id", r.span_id),
+            ("country", r.country),
+            ("region", r.region),
+            ("city", r.city),
         ] {
-            if let Some(s) = r.get::<Option<String>, _>(col) {
+            if let Some(s) = value {
                 obj.insert(col.into(), s.into());
             }
         }
-        if let Some(s) = r.get::<Option<i64>, _>("seq") {
+        if let Some(s) = r.seq {
             obj.insert("seq".into(), s.into());
         }
-        if let Some(a) = r.get::<Option<i64>, _>("asn") {
+        if let Some(a) = r.asn {
             obj.insert("asn".into(), a.into());
         }
     }

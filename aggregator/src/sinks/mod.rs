@@ -4,6 +4,7 @@
 
 pub mod influxdb;
 pub mod postgres;
+pub mod sqlite;
 
 use std::future::Future;
 
@@ -35,6 +36,38 @@ impl Row<'_> {
         self.geo
             .and_then(|g| g.country.as_deref())
             .or(self.facts.country_hint.as_deref())
+    }
+
+    /// The event's time in milliseconds: its own, else when the edge got it.
+    pub fn ts_ms(&self) -> i64 {
+        self.event
+            .timestamp
+            .unwrap_or(self.facts.received_at)
+            .millis()
+    }
+
+    /// The client address, if the edge sent a valid one (a wrong one is
+    /// dropped, not allowed to fail the row).
+    pub fn client_ip(&self) -> Option<&str> {
+        self.facts
+            .client_ip
+            .as_deref()
+            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+    }
+
+    /// `properties` as JSON text.
+    pub fn properties_json(&self) -> String {
+        serde_json::to_string(&self.event.properties).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// `context` as JSON text.
+    pub fn context_json(&self) -> String {
+        serde_json::to_string(&self.event.context).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The client's sequence number, when it fits a signed 64-bit column.
+    pub fn seq(&self) -> Option<i64> {
+        self.event.seq.and_then(|s| i64::try_from(s).ok())
     }
 }
 

@@ -1,13 +1,13 @@
 //! The PostgreSQL sink: one `INSERT … SELECT FROM UNNEST(…)` per write (one
 //! round trip, every value a bound parameter), `ON CONFLICT DO NOTHING` on
-//! (client, event id) so replays and duplicates are stored once.
+//! (client, event id) so replays and duplicates are stored once. The same
+//! statement adds the rows it really inserted to the per-minute counts of
+//! `event_counts` (the rollups `GET /v1/stats` reads), so they stay exact.
 //!
 //! When PostgreSQL refuses the statement for its data (SQLSTATE classes 22
 //! and 23), the rows are written one by one so that only the offending rows
 //! are dead-lettered; any other error means the database is unavailable
 //! and the whole write is retried later.
-
-use std::net::IpAddr;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -25,6 +25,7 @@ pub struct PostgresSink {
 }
 
 const INSERT: &str = r#"
+WITH inserted AS (
 INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, message, level,
                     user_id, anonymous_id, session_id, properties, context, app_version, platform,
                     trace_id, span_id, seq, priority, client_ip, user_agent, pop, country,
@@ -40,6 +41,22 @@ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8
      AS x(c, e, b, ed, t, r, k, n, m, l, u, a, s, p, cx, av, pl, tr, sp, sq, pr, ip, ua, pop, co,
           rg, ci, la, lo, tz, asn, aso)
 ON CONFLICT (client_id, event_id) DO NOTHING
+RETURNING client_id, ts, kind, name, country, platform, app_version, level, priority
+), per_minute AS (
+SELECT client_id, floor(extract(epoch from ts) / 60)::int8 AS minute, kind, name, country, platform,
+       app_version, level, priority, count(*) AS n
+FROM inserted GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+)
+INSERT INTO event_counts (client_id, dim, minute, value, events)
+SELECT client_id, d.dim, minute, d.value, sum(n)
+FROM per_minute,
+     LATERAL (VALUES ('', NULL), ('kind', kind), ('name', name), ('country', country),
+                     ('platform', platform), ('app_version', app_version), ('level', level),
+                     ('priority', priority)) AS d(dim, value)
+GROUP BY 1, 2, 3, 4
+-- One lock order for every writer: concurrent writes wait, never deadlock.
+ORDER BY 1, 2, 3, 4
+ON CONFLICT ON CONSTRAINT event_counts_key DO UPDATE SET events = event_counts.events + EXCLUDED.events
 "#;
 
 impl PostgresSink {
@@ -174,8 +191,7 @@ impl Columns {
             }
         }
         self.edge_id.push(r.edge_id.to_owned());
-        self.ts
-            .push(e.timestamp.unwrap_or(r.facts.received_at).millis());
+        self.ts.push(r.ts_ms());
         self.received_at.push(r.facts.received_at.millis());
         self.kind.push(e.kind.as_str());
         self.name.push(e.name.clone());
@@ -184,24 +200,15 @@ impl Columns {
         self.user_id.push(e.user_id.clone());
         self.anonymous_id.push(e.anonymous_id.clone());
         self.session_id.push(e.session_id.clone());
-        self.properties
-            .push(serde_json::to_string(&e.properties).unwrap_or_else(|_| "{}".into()));
-        self.context
-            .push(serde_json::to_string(&e.context).unwrap_or_else(|_| "{}".into()));
+        self.properties.push(r.properties_json());
+        self.context.push(r.context_json());
         self.app_version.push(e.context.app_version.clone());
         self.platform.push(e.context.platform.clone());
         self.trace_id.push(e.trace_id.clone());
         self.span_id.push(e.span_id.clone());
-        self.seq.push(e.seq.and_then(|s| i64::try_from(s).ok()));
+        self.seq.push(r.seq());
         self.priority.push(e.priority.as_str());
-        // An address the edge got wrong is dropped, not allowed to fail the row.
-        self.client_ip.push(
-            r.facts
-                .client_ip
-                .as_deref()
-                .filter(|ip| ip.parse::<IpAddr>().is_ok())
-                .map(str::to_owned),
-        );
+        self.client_ip.push(r.client_ip().map(str::to_owned));
         self.user_agent.push(r.facts.user_agent.clone());
         self.pop.push(r.facts.pop.clone());
         self.country.push(r.country().map(str::to_owned));
