@@ -3,79 +3,11 @@
 //! prints exactly as printed, and reads the events back through the query
 //! API it points at; then restarts it on the same directory.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use outpost_tests::dev::Dev;
 use serde_json::Value;
-
-struct Dev {
-    child: Child,
-    printed: String,
-}
-
-impl Dev {
-    fn start(dir: &std::path::Path, port: u16, edge_port: u16) -> Dev {
-        let mut child = Command::new(outpost_tests::outpost_bin())
-            .args(["dev", "--dir"])
-            .arg(dir)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--edge-listen",
-                &format!("127.0.0.1:{edge_port}"),
-                "--component",
-            ])
-            .arg(outpost_tests::edge::spin_component())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut printed = String::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !printed.contains("Stop with Ctrl-C.") {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    printed.push_str(&line);
-                    printed.push('\n');
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("outpost dev printed no examples:\n{printed}");
-                }
-            }
-        }
-        Dev { child, printed }
-    }
-
-    /// The `curl` lines it printed, in order.
-    fn curls(&self) -> Vec<String> {
-        self.printed
-            .lines()
-            .filter(|l| l.starts_with("curl "))
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "outpost dev exited with {status}");
-    }
-}
 
 fn sh(line: &str) -> String {
     let out = Command::new("bash").arg("-c").arg(line).output().unwrap();
@@ -155,4 +87,90 @@ fn outpost_dev_runs_the_stack_and_its_printed_examples_work() {
     let answer: Value = serde_json::from_str(sh(&again.curls()[1]).trim()).unwrap();
     assert_eq!(answer["success"], true, "{answer}");
     again.stop();
+}
+
+/// Runs `script` in bash in `dir`; returns its stdout, failing on an error.
+fn bash_in(dir: &std::path::Path, script: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{script}"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn readme_signing_examples_send_signed_events_to_outpost_dev() {
+    use outpost_tests::{fenced_block_after, readme};
+    outpost_tests::require_tool("curl");
+    outpost_tests::require_tool("openssl");
+    outpost_tests::require_tool("python3");
+    outpost_tests::require_tool("node");
+    // The README's commands run from the directory holding `.outpost-dev`.
+    let work = tempfile::tempdir().unwrap();
+    let port = outpost_tests::aggregator::free_port();
+    let edge_port = outpost_tests::aggregator::free_port();
+    let dev = Dev::start(&work.path().join(".outpost-dev"), port, edge_port);
+
+    let doc = readme();
+    let block = |name: &str| fenced_block_after(&doc, &format!("example: {name}"));
+    let env = block("signing-env").replace("127.0.0.1:3000", &format!("127.0.0.1:{edge_port}"));
+    let runs = [
+        (
+            "python",
+            format!(
+                "python3 - <<'PY'\n{}\n{}\nPY",
+                block("python-signing"),
+                block("python-send")
+            ),
+        ),
+        (
+            "node",
+            format!(
+                "node --input-type=module <<'JS'\n{}\n{}\nJS",
+                block("node-signing"),
+                block("node-send")
+            ),
+        ),
+        (
+            "curl",
+            format!(
+                "{}\n{}\n{}",
+                block("shell-request"),
+                block("shell-signing"),
+                block("shell-send")
+            ),
+        ),
+    ];
+    for (via, script) in &runs {
+        let out = bash_in(work.path(), &format!("{env}\n{script}"));
+        let answer: Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{via}: {e}: {out}"));
+        assert_eq!(answer["success"], true, "{via}: {answer}");
+        assert_eq!(answer["accepted"], 1, "{via}: {answer}");
+    }
+
+    let page = read_back(&dev.curls()[2], 3);
+    let mut seen: Vec<String> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert_eq!(e["client_id"], "demo-server", "{e}");
+            e["properties"]["via"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["curl", "node", "python"], "{page}");
+    dev.stop();
 }

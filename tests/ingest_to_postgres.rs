@@ -337,3 +337,61 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
     .unwrap();
     assert_eq!(leftover, 0, "the baseline table is dropped");
 }
+
+/// Runs the README's retention block with `keep` in place of its 90 days.
+fn run_retention(db_url: &str, keep: &str) {
+    outpost_tests::require_tool("psql");
+    let block = outpost_tests::fenced_block_after(&outpost_tests::readme(), "example: retention");
+    assert!(block.contains("keep='90 days'"), "{block}");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(block.replace("keep='90 days'", &format!("keep='{keep}'")))
+        .env("OUTPOST_POSTGRES_URL", db_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn the_readme_retention_block_deletes_old_events_with_their_rollups() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(41, 0..6), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(15, "6 rows", || async {
+        db.count_events("acme-web").await == 6
+    })
+    .await;
+    let counted = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE dim = ''",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(counted(db.pool.clone()).await, 6);
+
+    // Today's events are younger than 90 days: nothing goes.
+    run_retention(&db.url, "90 days");
+    assert_eq!(db.count_events("acme-web").await, 6);
+    assert_eq!(counted(db.pool.clone()).await, 6);
+
+    // A cut-off after tomorrow's midnight: every row and every count goes.
+    run_retention(&db.url, "-2 days");
+    assert_eq!(db.count_events("acme-web").await, 0);
+    assert_eq!(counted(db.pool.clone()).await, 0);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM event_counts")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "rollups of deleted minutes remain");
+}

@@ -320,6 +320,24 @@ async fn filters_select_exactly_the_matching_rows(kind: Kind) {
         all_checkouts["data"].as_array().unwrap().len(),
         f.acme.iter().filter(|e| e.2 == "checkout").count()
     );
+    assert!(all_checkouts.get("total").is_none(), "only when asked");
+    // A total, when asked, counts every match, not just the page; the next
+    // page's cursor is still good without it.
+    let (_, small) = get(&f, "acme-web", "name=checkout&limit=5&total=true").await;
+    assert_eq!(
+        small["total"].as_u64(),
+        Some(f.acme.iter().filter(|e| e.2 == "checkout").count() as u64),
+        "{small}"
+    );
+    assert_eq!(small["total_estimated"], false);
+    let next = small["next"].as_str().unwrap();
+    let (status, _) = get(
+        &f,
+        "acme-web",
+        &format!("name=checkout&limit=5&cursor={next}"),
+    )
+    .await;
+    assert_eq!(status, 200);
 }
 
 fn chrono_day(ms: i64) -> String {
@@ -661,4 +679,121 @@ async fn each_caller_is_held_to_its_rate_limit() {
         200,
         "another caller is not affected"
     );
+}
+
+/// The `properties` and `required` of a component schema of the document.
+fn schema_keys(doc: &Value, name: &str) -> (HashSet<String>, HashSet<String>) {
+    let schema = &doc["components"]["schemas"][name];
+    let props = schema["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no schema {name}"))
+        .keys()
+        .cloned()
+        .collect();
+    let required = schema["required"]
+        .as_array()
+        .map(|r| r.iter().map(|k| k.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default();
+    (props, required)
+}
+
+/// Checks one JSON object against a schema: no undescribed key, no
+/// missing required key.
+fn conforms(doc: &Value, name: &str, value: &Value, extra: &[&str]) {
+    let (props, required) = schema_keys(doc, name);
+    let keys: HashSet<String> = value.as_object().unwrap().keys().cloned().collect();
+    for k in &keys {
+        assert!(
+            props.contains(k) || extra.contains(&k.as_str()),
+            "{name}: `{k}` is not described\n{value}"
+        );
+    }
+    for k in &required {
+        assert!(keys.contains(k), "{name}: required `{k}` missing\n{value}");
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route_and_describes_real_answers() {
+    let f = fixture().await;
+    let doc: Value = reqwest::get(format!("{}/openapi.json", f.agg.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
+    let documented: HashSet<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| format!("{} {path}", m.to_uppercase()))
+        })
+        .collect();
+    // The README's endpoint table lists the same routes.
+    let readme = outpost_tests::readme();
+    let section = &readme[readme.find("### Endpoints").unwrap()..];
+    let in_readme: HashSet<String> = section
+        .lines()
+        .skip(1)
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(documented, in_readme, "README endpoints vs /openapi.json");
+    // Every documented route is served (none falls through to 404/40401).
+    let http = reqwest::Client::new();
+    for route in &documented {
+        let (method, path) = route.split_once(' ').unwrap();
+        let url = format!("{}{}", f.agg.url, path.replace("{id}", "acme-web"));
+        let resp = http
+            .request(method.parse().unwrap(), url)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(
+            !(status == 404 && body["code"] == 40401),
+            "{route} is documented but not served"
+        );
+    }
+    // Every documented parameter is one the handler takes.
+    for (path, who) in [("/v1/events", "acme-web"), ("/v1/stats", "acme-web")] {
+        for p in doc["paths"][path]["get"]["parameters"].as_array().unwrap() {
+            let name = p["name"].as_str().unwrap();
+            let (_, body) = call(&f, path, who, &format!("{name}=x")).await;
+            assert_ne!(
+                body["message"].as_str().unwrap_or(""),
+                format!("{name}: unknown parameter"),
+                "{path} documents {name}"
+            );
+        }
+    }
+    // Real answers have the documented shape.
+    let (_, page) = get(&f, "acme-web", "limit=3&total=true").await;
+    conforms(&doc, "EventsPage", &page, &[]);
+    for event in page["data"].as_array().unwrap() {
+        conforms(&doc, "StoredEvent", event, &[]);
+    }
+    let (_, answer) = stats(&f, "acme-web", "bucket=day&group_by=name&users=true").await;
+    conforms(&doc, "StatsAnswer", &answer, &[]);
+    for point in answer["series"].as_array().unwrap() {
+        conforms(&doc, "StatsPoint", point, &["name"]);
+    }
+    let (_, refused) = get(&f, "acme-web", "colour=red").await;
+    conforms(&doc, "ErrorEnvelope", &refused, &[]);
+    let ready: Value = reqwest::get(format!("{}/health/ready", f.agg.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    conforms(&doc, "Ready", &ready, &[]);
 }

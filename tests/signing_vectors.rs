@@ -120,3 +120,28 @@ fn readme_openssl_example_signs_the_vector() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), v["signature"]);
 }
+
+#[test]
+fn readme_node_example_signs_the_vector() {
+    let v = vector();
+    let node = require_tool("node");
+    let example = fenced_block_after(&readme(), "example: node-signing");
+    let script = format!(
+        "{example}\nconsole.log(JSON.stringify(outpostHeaders({:?}, {:?}, {:?}, {:?}, {:?}, {{ timestamp: {}, nonce: {:?} }})));\n",
+        "acme-server", v["secret"], v["method"], v["path"], v["body"], v["timestamp"], v["nonce"]
+    );
+    let out = Command::new(node)
+        .args(["--input-type=module", "-e", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(headers["X-Outpost-Signature"], v["signature"].as_str());
+    assert_eq!(headers["X-Outpost-Timestamp"], v["timestamp"].as_str());
+    assert_eq!(headers["X-Outpost-Nonce"], v["nonce"].as_str());
+    assert_eq!(headers["X-Outpost-Key"], "acme-server");
+}

@@ -252,6 +252,15 @@ impl Config {
     /// As [`Config::load`], without [`Config::check`] (for commands that
     /// need only part of the configuration, like `migrate`).
     pub fn load_unchecked(path: Option<&Path>) -> anyhow::Result<Config> {
+        Config::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load_unchecked`], with `vars` in place of the process
+    /// environment (for tools and tests that check a deployment's settings).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
         let mut table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -261,7 +270,7 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, std::env::vars())?;
+        apply_env(&mut table, vars)?;
         toml::Value::Table(table)
             .try_into()
             .context("invalid configuration")

@@ -10,12 +10,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use outpost_shared::error::AcceptedResponse;
 use outpost_shared::frame::{self, FrameLimits, KeyRing};
 use outpost_shared::validate::{Limits, validate_event};
 use outpost_shared::{ErrorCode, ErrorEnvelope, FieldError};
 use prometheus_client::registry::Registry;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::clients::{ClientStore, verify_edge_request};
 use crate::db::Db;
@@ -64,19 +65,38 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
 }
 
-/// The router.
+/// The router, and `/openapi.json` describing exactly its routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/ingest", post(ingest))
-        .route("/internal/v1/clients/{id}", get(client_record))
-        .route("/v1/events", get(list_events))
-        .route("/v1/stats", get(stats))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+    let (router, api) =
+        OpenApiRouter::with_openapi(<crate::openapi::ApiDoc as utoipa::OpenApi>::openapi())
+            .routes(routes!(ingest))
+            .routes(routes!(client_record))
+            .routes(routes!(list_events))
+            .routes(routes!(stats))
+            .routes(routes!(live))
+            .routes(routes!(ready))
+            .routes(routes!(metrics))
+            .routes(routes!(openapi_json))
+            .split_for_parts();
+    let _ = crate::openapi::DOCUMENT.set(api.to_pretty_json().unwrap_or_default());
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    let mut resp = Response::new(Body::from(
+        crate::openapi::DOCUMENT.get().cloned().unwrap_or_default(),
+    ));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// A request id: the caller's when it is sane, else a new one.
@@ -117,6 +137,19 @@ pub fn error_response(
     with_request_id(resp, request_id)
 }
 
+/// Takes one signed frame from an edge; `202` once it is durable.
+#[utoipa::path(post, path = "/v1/ingest", tag = "ingest",
+    request_body(content = String, content_type = "application/vnd.outpost.frame",
+        description = "One edge frame (README, \"The edge → aggregator frame\"), signed with an edge key"),
+    responses(
+        (status = 202, description = "Durable (fsynced); events that failed validation are listed", body = AcceptedResponse),
+        (status = 400, description = "Malformed frame (40020, 40021)", body = ErrorEnvelope),
+        (status = 401, description = "Bad frame signature or unknown edge key (40112)", body = ErrorEnvelope),
+        (status = 413, description = "Frame too large (41304)", body = ErrorEnvelope),
+        (status = 415, description = "Wrong content type (41501)", body = ErrorEnvelope),
+        (status = 503, description = "Spool full or stuck (50302); retry after Retry-After", body = ErrorEnvelope,
+            headers(("Retry-After" = u32, description = "Seconds to wait")))
+    ))]
 async fn ingest(State(app): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
     let id = request_id(req.headers());
@@ -247,6 +280,17 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
     ))
 }
 
+/// A client record, for edges (which cache it). Carries the client's
+/// secrets: serve it to edges over HTTPS only.
+#[utoipa::path(get, path = "/internal/v1/clients/{id}", tag = "ingest",
+    params(("id" = String, Path, description = "Client id")),
+    responses(
+        (status = 200, description = "The shared ClientRecord JSON", body = Object),
+        (status = 401, description = "Missing or bad edge signature", body = ErrorEnvelope),
+        (status = 404, description = "No such client (40402)", body = ErrorEnvelope),
+        (status = 503, description = "Client store unavailable", body = ErrorEnvelope)
+    ),
+    security(("edge_signature" = [])))]
 async fn client_record(
     State(app): State<Arc<AppState>>,
     axum::extract::Path(client_id): axum::extract::Path<String>,
@@ -321,6 +365,19 @@ enum ReadApi {
 type RawQuery =
     Result<axum::extract::Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
+/// Stored events, filtered, in keyset pages. Needs `read:events`; other
+/// clients' events need `admin:events`.
+#[utoipa::path(get, path = "/v1/events", tag = "query",
+    params(crate::openapi::EventsParams),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::EventsPage),
+        (status = 400, description = "Bad parameter (40014) or cursor (40015)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or bad credentials", body = ErrorEnvelope),
+        (status = 403, description = "Permission denied (40301)", body = ErrorEnvelope),
+        (status = 429, description = "The caller's rate limit (42901)", body = ErrorEnvelope),
+        (status = 503, description = "Database unavailable", body = ErrorEnvelope)
+    ),
+    security(("bearer" = [])))]
 async fn list_events(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -329,6 +386,18 @@ async fn list_events(
     read_api(&app, &headers, params, ReadApi::Events).await
 }
 
+/// Events (and distinct users) per time bucket and group. Needs `read:stats`.
+#[utoipa::path(get, path = "/v1/stats", tag = "query",
+    params(crate::openapi::StatsParams),
+    responses(
+        (status = 200, description = "The series", body = crate::openapi::StatsAnswer),
+        (status = 400, description = "Bad parameter (40014)", body = ErrorEnvelope),
+        (status = 401, description = "Missing or bad credentials", body = ErrorEnvelope),
+        (status = 403, description = "Permission denied (40301)", body = ErrorEnvelope),
+        (status = 429, description = "The caller's rate limit (42901)", body = ErrorEnvelope),
+        (status = 503, description = "Database unavailable", body = ErrorEnvelope)
+    ),
+    security(("bearer" = [])))]
 async fn stats(State(app): State<Arc<AppState>>, headers: HeaderMap, params: RawQuery) -> Response {
     read_api(&app, &headers, params, ReadApi::Stats).await
 }
@@ -399,10 +468,19 @@ async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: Re
     }
 }
 
+/// The process runs.
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "Alive", body = crate::openapi::Live)))]
 async fn live() -> Response {
     axum::Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
+/// Whether this instance can take traffic, per dependency.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "`ok`, or `degraded` (ingest works, delivery waits)", body = crate::openapi::Ready),
+        (status = 503, description = "The spool fails", body = crate::openapi::Ready)
+    ))]
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     // Ingest needs only the spool: a sink or Redis being down delays
     // delivery (or fails dedup open) but acknowledged data is safe, so the
@@ -441,6 +519,9 @@ fn status(up: bool) -> serde_json::Value {
     serde_json::Value::from(if up { "ok" } else { "down" })
 }
 
+/// Prometheus metrics (README, "Metrics").
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {

@@ -18,6 +18,7 @@ pub mod geoip;
 pub mod geoip_download;
 pub mod http;
 pub mod http_client;
+pub mod openapi;
 pub mod query;
 pub mod sinks;
 pub mod spool;

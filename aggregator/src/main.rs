@@ -119,6 +119,17 @@ enum Command {
         #[command(subcommand)]
         command: GeoipCommand,
     },
+    /// Exit 0 when the aggregator at URL is ready (`/health/ready` answers
+    /// 200), 1 otherwise: the container health check, with no curl needed.
+    Healthcheck {
+        /// The readiness URL.
+        #[arg(
+            long,
+            env = "OUTPOST_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8080/health/ready"
+        )]
+        url: String,
+    },
     /// Apply the database migrations (PostgreSQL, or SQLite with `[sqlite]`) and exit.
     Migrate {
         /// TOML config file (only `[postgres]` or `[sqlite]` is used).
@@ -428,6 +439,27 @@ fn main() -> anyhow::Result<()> {
                 }),
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Healthcheck { url } => {
+            let ready = runtime()?.block_on(async {
+                let client = outpost_aggregator::http_client::client();
+                let req = hyper::Request::get(&url).body(http_body_util::Full::default())?;
+                let resp =
+                    tokio::time::timeout(std::time::Duration::from_secs(3), client.request(req))
+                        .await??;
+                anyhow::Ok(resp.status().is_success())
+            });
+            match ready {
+                Ok(true) => println!("ready"),
+                Ok(false) => {
+                    println!("not ready");
+                    std::process::exit(1);
+                }
+                Err(e) => {
+                    println!("unreachable: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
         Command::Migrate { config } => {
             let mut config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;

@@ -120,7 +120,16 @@ fn common_param(q: &mut Query, k: &str, v: &str) -> Result<bool, QueryError> {
     Ok(true)
 }
 
-fn parse_query(params: &[(String, String)]) -> Result<(Query, Option<String>), QueryError> {
+/// What a page request asks besides the query itself.
+#[derive(Debug, Default)]
+struct PageOptions {
+    /// The cursor of a previous page.
+    cursor: Option<String>,
+    /// Count the matching rows too (bounded, see [`MAX_EXACT_TOTAL`]).
+    total: bool,
+}
+
+fn parse_query(params: &[(String, String)]) -> Result<(Query, PageOptions), QueryError> {
     let mut q = Query {
         filters: BTreeMap::new(),
         from_us: None,
@@ -128,7 +137,7 @@ fn parse_query(params: &[(String, String)]) -> Result<(Query, Option<String>), Q
         asc: false,
         limit: DEFAULT_LIMIT,
     };
-    let mut cursor = None;
+    let mut options = PageOptions::default();
     for (k, v) in params {
         if common_param(&mut q, k, v)? {
             continue;
@@ -148,11 +157,18 @@ fn parse_query(params: &[(String, String)]) -> Result<(Query, Option<String>), Q
                     .filter(|n| (1..=MAX_LIMIT).contains(n))
                     .ok_or_else(|| QueryError::param(k, "1 to 1000"))?
             }
-            "cursor" => cursor = Some(v.clone()),
+            "cursor" => options.cursor = Some(v.clone()),
+            "total" => {
+                options.total = match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(QueryError::param(k, "true or false")),
+                }
+            }
             other => return Err(QueryError::param(other, "unknown parameter")),
         }
     }
-    Ok((q, cursor))
+    Ok((q, options))
 }
 
 /// A caller that may not administer events reads only its own client.
@@ -676,10 +692,10 @@ pub async fn events_page(
             "needs read:events".into(),
         ));
     }
-    let (mut q, cursor) = parse_query(params)?;
+    let (mut q, options) = parse_query(params)?;
     scope_to_caller(&mut q, who)?;
     let qd = digest(&q);
-    let cursor = match cursor {
+    let cursor = match options.cursor {
         Some(c) => Some(key.open(&c).filter(|c| c.q == qd).ok_or_else(|| {
             QueryError(
                 ErrorCode::InvalidCursor,
@@ -727,13 +743,74 @@ pub async fn events_page(
             q: qd.clone(),
         })
     };
-    Ok(serde_json::json!({
+    let mut page = serde_json::json!({
         "data": data,
         "has_next": has_next && !keys.is_empty(),
         "has_prev": has_prev && !keys.is_empty(),
         "next": keys.last().filter(|_| has_next).map(|k| seal(k, true)),
         "prev": keys.first().filter(|_| has_prev).map(|k| seal(k, false)),
-    }))
+    });
+    if options.total {
+        let (total, estimated) = total(db, d, &q).await?;
+        page["total"] = serde_json::Value::from(total);
+        page["total_estimated"] = serde_json::Value::from(estimated);
+    }
+    Ok(page)
+}
+
+/// Most rows an exact `total` counts; past it the total is an estimate.
+pub const MAX_EXACT_TOTAL: i64 = 100_000;
+
+/// How many rows match, at bounded cost: counted exactly up to
+/// [`MAX_EXACT_TOTAL`]; beyond, PostgreSQL's planner estimate (never less
+/// than what was counted) or, on SQLite, the bound itself — with
+/// `estimated` set.
+async fn total(db: &Db, d: &Dialect, q: &Query) -> Result<(i64, bool), QueryError> {
+    let counted: i64 = match db {
+        Db::Postgres(p) => {
+            let mut sql = count_sql::<sqlx::Postgres>(d, q);
+            sql.build_query_scalar().fetch_one(p).await
+        }
+        Db::Sqlite(p) => {
+            let mut sql = count_sql::<sqlx::Sqlite>(d, q);
+            sql.build_query_scalar().fetch_one(p).await
+        }
+    }
+    .map_err(unavailable)?;
+    if counted <= MAX_EXACT_TOTAL {
+        return Ok((counted, false));
+    }
+    let estimate = match db {
+        Db::Postgres(p) => {
+            let mut sql = QueryBuilder::<sqlx::Postgres>::new(
+                "EXPLAIN (FORMAT JSON) SELECT 1 FROM events WHERE true",
+            );
+            push_filters(&mut sql, d, q);
+            let plan: serde_json::Value = sql
+                .build_query_scalar()
+                .fetch_one(p)
+                .await
+                .map_err(unavailable)?;
+            plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0) as i64
+        }
+        Db::Sqlite(_) => 0,
+    };
+    Ok((estimate.max(counted), true))
+}
+
+/// `SELECT count(*)` of at most one row more than [`MAX_EXACT_TOTAL`].
+fn count_sql<'a, DB: Database>(d: &Dialect, q: &Query) -> QueryBuilder<'a, DB>
+where
+    String: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    DB::Arguments<'a>: Default,
+{
+    let mut sql = QueryBuilder::new("SELECT count(*) FROM (SELECT 1 FROM events WHERE true");
+    push_filters(&mut sql, d, q);
+    sql.push(" LIMIT ")
+        .push_bind(MAX_EXACT_TOTAL + 1)
+        .push(") AS bounded");
+    sql
 }
 
 /// The page query: filters, then rows after the cursor's key in the order

@@ -195,6 +195,7 @@ impl<'de> Deserialize<'de> for ErrorCode {
 
 /// One problem with one part of the input: an event of a batch, or a field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldError {
     /// Index of the event in the batch, when the error belongs to one event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,6 +204,7 @@ pub struct FieldError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
     /// The stable code.
+    #[cfg_attr(feature = "openapi", schema(value_type = u32, example = 40005))]
     pub code: ErrorCode,
     /// The field, as a dotted path (`context.app_version`, `properties.cart.items`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -227,10 +229,12 @@ impl FieldError {
 /// The JSON body of every error response:
 /// `{"success":false,"code":40001,"message":"…","request_id":"…","errors":[…]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorEnvelope {
     /// Always `false`.
     pub success: bool,
     /// The stable numeric code.
+    #[cfg_attr(feature = "openapi", schema(value_type = u32, example = 40001))]
     pub code: ErrorCode,
     /// What went wrong, for a human.
     pub message: String,
@@ -284,6 +288,7 @@ pub fn is_acceptable_request_id(v: &str) -> bool {
 /// The JSON body of a `202 Accepted` answer to a batch: what was taken, and
 /// what was rejected and why (partial acceptance).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AcceptedResponse {
     /// Always `true`.
     pub success: bool,

@@ -80,6 +80,7 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 pub mod aggregator;
+pub mod dev;
 pub mod edge;
 pub mod geo;
 pub mod influx;
