@@ -776,6 +776,18 @@ async fn the_openapi_document_covers_every_route_and_describes_real_answers() {
             );
         }
     }
+    // The shared filters and each route's own parameters are all there.
+    for (path, own) in [("/v1/events", "cursor"), ("/v1/stats", "bucket")] {
+        let names: Vec<&str> = doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        for needed in ["kind", "name", "client_id", "trace_id", "from", "to", own] {
+            assert!(names.contains(&needed), "{path} lacks {needed}: {names:?}");
+        }
+    }
     // Real answers have the documented shape.
     let (_, page) = get(&f, "acme-web", "limit=3&total=true").await;
     conforms(&doc, "EventsPage", &page, &[]);

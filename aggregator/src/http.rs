@@ -368,7 +368,7 @@ type RawQuery =
 /// Stored events, filtered, in keyset pages. Needs `read:events`; other
 /// clients' events need `admin:events`.
 #[utoipa::path(get, path = "/v1/events", tag = "query",
-    params(crate::openapi::EventsParams),
+    params(crate::openapi::FilterParams, crate::openapi::EventsParams),
     responses(
         (status = 200, description = "A page", body = crate::openapi::EventsPage),
         (status = 400, description = "Bad parameter (40014) or cursor (40015)", body = ErrorEnvelope),
@@ -388,7 +388,7 @@ async fn list_events(
 
 /// Events (and distinct users) per time bucket and group. Needs `read:stats`.
 #[utoipa::path(get, path = "/v1/stats", tag = "query",
-    params(crate::openapi::StatsParams),
+    params(crate::openapi::FilterParams, crate::openapi::StatsParams),
     responses(
         (status = 200, description = "The series", body = crate::openapi::StatsAnswer),
         (status = 400, description = "Bad parameter (40014)", body = ErrorEnvelope),

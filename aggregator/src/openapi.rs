@@ -184,10 +184,10 @@ pub struct Ready {
     pub checks: BTreeMap<String, String>,
 }
 
-/// Parameters of `GET /v1/events`.
+/// The filters `GET /v1/events` and `GET /v1/stats` share.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct EventsParams {
+pub struct FilterParams {
     /// `event` or `log`.
     pub kind: Option<String>,
     /// Event name.
@@ -208,6 +208,12 @@ pub struct EventsParams {
     pub client_id: Option<String>,
     /// W3C trace id.
     pub trace_id: Option<String>,
+}
+
+/// Parameters of `GET /v1/events` (with [`FilterParams`]).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
     /// Inclusive start: RFC 3339 or `YYYY-MM-DD`.
     pub from: Option<String>,
     /// Exclusive end: RFC 3339, or `YYYY-MM-DD` for the end of that day.
@@ -222,7 +228,7 @@ pub struct EventsParams {
     pub total: Option<bool>,
 }
 
-/// Parameters of `GET /v1/stats` (plus every filter of `/v1/events`).
+/// Parameters of `GET /v1/stats` (with [`FilterParams`]).
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct StatsParams {
@@ -233,26 +239,6 @@ pub struct StatsParams {
     pub group_by: Option<String>,
     /// Add distinct users per point (reads every matching row).
     pub users: Option<bool>,
-    /// `event` or `log`.
-    pub kind: Option<String>,
-    /// Event name.
-    pub name: Option<String>,
-    /// User id.
-    pub user_id: Option<String>,
-    /// Session id.
-    pub session_id: Option<String>,
-    /// App version.
-    pub app_version: Option<String>,
-    /// `normal` or `high`.
-    pub priority: Option<String>,
-    /// Log level.
-    pub level: Option<String>,
-    /// Country code.
-    pub country: Option<String>,
-    /// Client id (other clients need `admin:events`).
-    pub client_id: Option<String>,
-    /// W3C trace id.
-    pub trace_id: Option<String>,
     /// Inclusive start (default: 24 hours ago).
     pub from: Option<String>,
     /// Exclusive end.
