@@ -302,6 +302,66 @@ async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
 }
 
 #[tokio::test]
+async fn a_write_refused_as_a_whole_is_retried_then_narrowed_to_the_failing_row() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let config = store_config(&db.url, &redis) + "max_attempts = 3\nworkers_per_sink = 1\n";
+    let agg = Aggregator::start(&config).await;
+    // An error that blames no row and is not an outage: a trigger's
+    // exception (SQLSTATE XX000) fails the whole multi-row insert.
+    for statement in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.name = 'poison' THEN \
+         RAISE EXCEPTION 'poison row refused' USING ERRCODE = 'XX000'; END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events \
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+    let mut evs = events(310, 0..5);
+    evs[3].name = Some("poison".into());
+    let poison_id = evs[3].event_id.clone();
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", evs, batch_id()))
+            .await
+            .status(),
+        202
+    );
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", events(311, 0..5), batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(20, "9 rows", || async {
+        db.count_events("acme-web").await == 9
+    })
+    .await;
+    eventually(5, "spool empty", || async {
+        agg.metric("outpost_spool_batches").await == 0.0
+    })
+    .await;
+    assert_eq!(agg.metric("outpost_sink_dead_letters_total").await, 1.0);
+    // Given up on only after the configured tries, each of them counted.
+    assert!(
+        agg.metric("outpost_sink_failures_total").await >= 3.0,
+        "{}",
+        agg.log()
+    );
+    let spool = format!("sqlite://{}?mode=ro", agg.dir.join("spool.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&spool)
+        .await
+        .unwrap();
+    let (event_id, error): (String, String) =
+        sqlx::query_as("SELECT event_id, error FROM dead_letters")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(event_id, poison_id);
+    assert!(error.contains("poison row refused"), "{error}");
+}
+
+#[tokio::test]
 async fn high_priority_batches_are_delivered_first_from_a_backlog() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let (pg_down, dead_pg) = store_config_pg_down(&redis);

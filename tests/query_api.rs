@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use outpost_aggregator::query::MAX_EXACT_TOTAL;
 use outpost_shared::auth::api_key;
 use outpost_shared::auth::permission::Permissions;
 use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial};
@@ -226,6 +227,45 @@ fn ids(page: &Value) -> Vec<String> {
         .iter()
         .map(|e| e["event_id"].as_str().unwrap().to_owned())
         .collect()
+}
+
+#[tokio::test]
+async fn a_total_past_the_exact_bound_is_postgres_estimate_and_says_so() {
+    let f = fixture().await;
+    let Store::Postgres(db) = &f.db else {
+        unreachable!("fixture() is on PostgreSQL")
+    };
+    // More matching rows than an exact total counts, written straight into
+    // the table (the ingest path is not what is under test).
+    let bulk = MAX_EXACT_TOTAL + 20_000;
+    sqlx::query(
+        "INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, priority) \
+         SELECT 'acme-web', 'bulk-' || g, '00000000-0000-0000-0000-000000000000', 'edge', \
+                now() - g * interval '1 ms', now(), 'event', 'bulk', 'normal' \
+         FROM generate_series(1, $1) AS g",
+    )
+    .bind(bulk)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (status, page) = get(&f, "acme-web", "name=bulk&limit=5&total=true").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total_estimated"], true, "{page}");
+    let total = page["total"].as_i64().unwrap();
+    // Never less than what was counted before giving up, and the planner's
+    // figure after ANALYZE is near the truth.
+    assert!(total > MAX_EXACT_TOTAL, "{page}");
+    assert!(
+        (bulk * 7 / 10..=bulk * 13 / 10).contains(&total),
+        "{total} for {bulk}"
+    );
+    // Under the bound the same query is exact.
+    let (_, small) = get(&f, "acme-web", "name=checkout&limit=5&total=true").await;
+    assert_eq!(small["total_estimated"], false);
 }
 
 on_both_stores!(paging_forward_then_back_visits_every_row_once_in_order);

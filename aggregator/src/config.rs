@@ -107,6 +107,10 @@ pub struct DeliveryConfig {
     pub max_batches_per_write: u32,
     /// Concurrent writers per sink (each takes its own share of the backlog).
     pub workers_per_sink: u32,
+    /// Tries of a write that a reachable sink refuses as a whole before it
+    /// is narrowed down row by row (the failing rows go to dead letters);
+    /// 0: retry for ever. A sink that is down is always retried for ever.
+    pub max_attempts: u32,
 }
 
 impl Default for DeliveryConfig {
@@ -116,6 +120,7 @@ impl Default for DeliveryConfig {
             backoff_max_ms: 30_000,
             max_batches_per_write: 32,
             workers_per_sink: 2,
+            max_attempts: 10,
         }
     }
 }

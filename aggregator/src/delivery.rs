@@ -6,6 +6,10 @@
 //! jitter, without blaming any batch (nothing is dead-lettered because a
 //! database was down). Rows a sink refuses for their content, and frames
 //! that no longer decode, go to the spool's dead letters with the reason.
+//! A write that a reachable sink refuses as a whole without naming a row
+//! (see [`SinkError::Refused`]) is retried `delivery.max_attempts` times
+//! and then written row by row, so only the rows that still fail are
+//! dead-lettered and one poison row does not hold up its share for ever.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +21,7 @@ use tokio::sync::watch;
 use crate::config::DeliveryConfig;
 use crate::dedup::Dedup;
 use crate::geoip::{Geo, GeoIp};
-use crate::sinks::{Row, Sink};
+use crate::sinks::{Row, Sink, SinkError, WriteReport};
 use crate::spool::{DeadLetter, Pending, Spool};
 use crate::telemetry::{Metrics, SinkLabel};
 
@@ -98,6 +102,8 @@ pub async fn run<S: Sink>(
         max_ms: ctx.config.backoff_max_ms,
         failures: 0,
     };
+    // Consecutive refusals (not outages) of this worker's writes.
+    let mut refusals: u32 = 0;
     loop {
         let stopping = *stop.borrow();
         let due = match ctx
@@ -127,12 +133,28 @@ pub async fn run<S: Sink>(
             }
             continue;
         }
-        match deliver(&sink, &ctx, &due).await {
-            Ok(()) => backoff.failures = 0,
+        let narrow = ctx.config.max_attempts > 0 && refusals >= ctx.config.max_attempts;
+        if narrow {
+            tracing::warn!(
+                sink = name,
+                tries = refusals,
+                batches = due.len(),
+                "writes keep being refused; writing row by row"
+            );
+            refusals = 0;
+        }
+        match deliver(&sink, &ctx, &due, narrow).await {
+            Ok(()) => {
+                backoff.failures = 0;
+                refusals = 0;
+            }
             Err(e) => {
+                if matches!(e, SinkError::Refused(_)) {
+                    refusals = refusals.saturating_add(1);
+                }
                 ctx.metrics.sink_failures.get_or_create(&label).inc();
                 let delay = backoff.next_delay();
-                tracing::warn!(sink = name, error = %e, retry_in_ms = delay.as_millis() as u64, batches = due.len(), "sink unavailable");
+                tracing::warn!(sink = name, error = %e, retry_in_ms = delay.as_millis() as u64, batches = due.len(), refused = matches!(e, SinkError::Refused(_)), "sink write failed");
                 if stopping {
                     // Shutting down: what is left stays in the spool for the next start.
                     return;
@@ -146,6 +168,25 @@ pub async fn run<S: Sink>(
     }
 }
 
+/// Writes each row on its own: a row the sink refuses is reported rejected
+/// with the reason, an outage stops the lot (to be retried).
+async fn write_row_by_row<S: Sink>(sink: &S, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
+    let mut report = WriteReport::default();
+    for (i, row) in rows.iter().enumerate() {
+        match sink.write(std::slice::from_ref(row)).await {
+            Ok(one) => {
+                report.written += one.written;
+                report
+                    .rejected
+                    .extend(one.rejected.into_iter().map(|(_, why)| (i, why)));
+            }
+            Err(SinkError::Refused(why)) => report.rejected.push((i, why)),
+            Err(e @ SinkError::Unavailable(_)) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
 struct Decoded {
     seq: i64,
     frame: Frame,
@@ -153,7 +194,18 @@ struct Decoded {
     geo: Option<Arc<Geo>>,
 }
 
-async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> Result<(), String> {
+/// The spool failing is not the data's fault: retried like an outage.
+fn spool_error(e: sqlx::Error) -> SinkError {
+    SinkError::Unavailable(format!("spool: {e}"))
+}
+
+/// Delivers `due` in one write, or with `row_by_row` one row per write.
+async fn deliver<S: Sink>(
+    sink: &S,
+    ctx: &DeliveryContext,
+    due: &[Pending],
+    row_by_row: bool,
+) -> Result<(), SinkError> {
     let name = sink.name();
     let now = now_ms();
     let mut decoded = Vec::with_capacity(due.len());
@@ -215,10 +267,7 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
                     payload: &p.frame,
                     at_ms: now,
                 };
-                ctx.spool
-                    .dead_letter(&letter)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;
                 ctx.metrics
                     .sink_dead_letters
                     .get_or_create(&SinkLabel { sink: name })
@@ -246,7 +295,11 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
                 })
         })
         .collect();
-    let report = sink.write(&rows).await.map_err(|e| e.0)?;
+    let report = if row_by_row {
+        write_row_by_row(sink, &rows).await?
+    } else {
+        sink.write(&rows).await?
+    };
     for (i, reason) in &report.rejected {
         let row = &rows[*i];
         let payload = serde_json::to_vec(row.event).unwrap_or_default();
@@ -259,10 +312,7 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
             payload: &payload,
             at_ms: now,
         };
-        ctx.spool
-            .dead_letter(&letter)
-            .await
-            .map_err(|e| e.to_string())?;
+        ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;
         tracing::warn!(sink = name, client_id = row.client_id, event_id = %row.event.event_id, reason = %reason, "row dead-lettered");
     }
     let label = SinkLabel { sink: name };
@@ -275,10 +325,7 @@ async fn deliver<S: Sink>(sink: &S, ctx: &DeliveryContext, due: &[Pending]) -> R
         .get_or_create(&label)
         .inc_by(report.rejected.len() as u64);
     done.extend(decoded.iter().map(|d| d.seq));
-    ctx.spool
-        .delivered(name, &done)
-        .await
-        .map_err(|e| e.to_string())
+    ctx.spool.delivered(name, &done).await.map_err(spool_error)
 }
 
 #[cfg(test)]

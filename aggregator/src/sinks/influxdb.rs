@@ -21,7 +21,7 @@ use influxdb_line_protocol::LineProtocolBuilder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Row, Sink, SinkUnavailable, WriteReport};
+use super::{Row, Sink, SinkError, WriteReport};
 use crate::config::Redacted;
 
 /// Which write API to use.
@@ -247,11 +247,14 @@ impl Sink for InfluxSink {
         "influxdb"
     }
 
-    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkUnavailable> {
+    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
         if rows.is_empty() {
             return Ok(WriteReport::default());
         }
-        let (status, answer) = self.post(self.lines(rows)).await.map_err(SinkUnavailable)?;
+        let (status, answer) = self
+            .post(self.lines(rows))
+            .await
+            .map_err(SinkError::Unavailable)?;
         match status {
             200..=299 => Ok(WriteReport {
                 written: rows.len(),
@@ -267,9 +270,14 @@ impl Sink for InfluxSink {
                     .map(|i| (i, format!("influxdb {status}: {answer}")))
                     .collect(),
             }),
+            // Too large for the server's limit: perhaps one huge point, so
+            // retried a bounded number of times, then written point by point.
+            413 => Err(SinkError::Refused(format!("influxdb {status}: {answer}"))),
             // Authentication, a missing bucket, overload, outage: the data is
             // fine and waits in the spool until the server is.
-            _ => Err(SinkUnavailable(format!("influxdb {status}: {answer}"))),
+            _ => Err(SinkError::Unavailable(format!(
+                "influxdb {status}: {answer}"
+            ))),
         }
     }
 

@@ -81,11 +81,22 @@ pub struct WriteReport {
     pub rejected: Vec<(usize, String)>,
 }
 
-/// A failure of the sink itself (down, overloaded, misconfigured): the whole
-/// write is retried later with backoff, and no row is blamed.
+/// Why a write failed as a whole.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkUnavailable(pub String);
+pub enum SinkError {
+    /// The sink itself is down, overloaded or misconfigured: the write is
+    /// retried with backoff for as long as it takes, and no row is blamed
+    /// (nothing is dead-lettered because a database was away).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The sink is up but refused the write as a whole, for a reason that
+    /// may lie in the data (a PostgreSQL program limit, internal error or
+    /// trigger exception; an InfluxDB 413). Retried `delivery.max_attempts`
+    /// times, then written row by row: the rows that still fail go to dead
+    /// letters, the rest are stored.
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// A destination for events.
 pub trait Sink: Send + Sync + 'static {
@@ -95,7 +106,7 @@ pub trait Sink: Send + Sync + 'static {
     fn write(
         &self,
         rows: &[Row<'_>],
-    ) -> impl Future<Output = Result<WriteReport, SinkUnavailable>> + Send;
+    ) -> impl Future<Output = Result<WriteReport, SinkError>> + Send;
     /// For readiness.
     fn ping(&self) -> impl Future<Output = bool> + Send;
 }

@@ -12,7 +12,7 @@
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-use super::{Row, Sink, SinkUnavailable, WriteReport};
+use super::{Row, Sink, SinkError, WriteReport};
 use crate::config::PostgresConfig;
 
 /// Embedded migrations (`migrations/postgres`).
@@ -89,13 +89,43 @@ impl PostgresSink {
     }
 }
 
-/// Whether an error is about the data (retrying the same rows cannot help).
-fn is_data_error(e: &sqlx::Error) -> bool {
+/// Who an error blames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// The row's data (SQLSTATE classes 22, 23): retrying the same row
+    /// cannot help, so it is dead-lettered at once.
+    Row,
+    /// The server, the connection or the setup (classes 08 connection, 25
+    /// and 40 transaction state/rollback, 28 and 3D/3F authorisation and
+    /// missing database or schema, 42 missing table/column or privilege,
+    /// 53 resources, 55 locks, 57 shutdown/cancel, 58 system; and every
+    /// error that is not PostgreSQL's answer, like a refused connection or a
+    /// pool timeout): retried for as long as it takes.
+    Sink,
+    /// Anything else (54 program limits, XX internal errors, P0 trigger
+    /// exceptions, …): possibly one row's doing, so retried a bounded
+    /// number of times and then narrowed down to rows.
+    Unknown,
+}
+
+fn blame(e: &sqlx::Error) -> Blame {
+    const SINK_CLASSES: [&str; 13] = [
+        "08", "25", "28", "3D", "3F", "40", "42", "53", "55", "57", "58", "HV", "F0",
+    ];
     match e {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-        _ => false,
+        sqlx::Error::Database(db) => match db.code() {
+            Some(c) if c.starts_with("22") || c.starts_with("23") => Blame::Row,
+            Some(c) if SINK_CLASSES.iter().any(|class| c.starts_with(class)) => Blame::Sink,
+            _ => Blame::Unknown,
+        },
+        _ => Blame::Sink,
+    }
+}
+
+fn sink_error(e: &sqlx::Error) -> SinkError {
+    match blame(e) {
+        Blame::Sink => SinkError::Unavailable(e.to_string()),
+        Blame::Row | Blame::Unknown => SinkError::Refused(e.to_string()),
     }
 }
 
@@ -104,7 +134,7 @@ impl Sink for PostgresSink {
         "postgres"
     }
 
-    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkUnavailable> {
+    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
         if rows.is_empty() {
             return Ok(WriteReport::default());
         }
@@ -115,7 +145,7 @@ impl Sink for PostgresSink {
                     rejected: Vec::new(),
                 });
             }
-            Err(e) if !is_data_error(&e) => return Err(SinkUnavailable(e.to_string())),
+            Err(e) if blame(&e) != Blame::Row => return Err(sink_error(&e)),
             Err(e) => {
                 tracing::warn!(error = %e, rows = rows.len(), "postgres refused a batch; writing row by row")
             }
@@ -124,8 +154,8 @@ impl Sink for PostgresSink {
         for (i, row) in rows.iter().enumerate() {
             match self.insert(std::slice::from_ref(row)).await {
                 Ok(()) => report.written += 1,
-                Err(e) if is_data_error(&e) => report.rejected.push((i, e.to_string())),
-                Err(e) => return Err(SinkUnavailable(e.to_string())),
+                Err(e) if blame(&e) == Blame::Row => report.rejected.push((i, e.to_string())),
+                Err(e) => return Err(sink_error(&e)),
             }
         }
         Ok(report)

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use super::{Row, Sink, SinkUnavailable, WriteReport};
+use super::{Row, Sink, SinkError, WriteReport};
 use crate::config::SqliteConfig;
 
 /// Embedded migrations (`migrations/sqlite`).
@@ -109,7 +109,7 @@ impl Sink for SqliteSink {
         "sqlite"
     }
 
-    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkUnavailable> {
+    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
         if rows.is_empty() {
             return Ok(WriteReport::default());
         }
@@ -118,7 +118,7 @@ impl Sink for SqliteSink {
         // store's (busy, disk full) and the write is retried.
         self.insert(rows)
             .await
-            .map_err(|e| SinkUnavailable(e.to_string()))?;
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
         Ok(WriteReport {
             written: rows.len(),
             rejected: Vec::new(),

@@ -84,7 +84,17 @@ try {
     });
     const stats = await page.evaluate(() => window.client.stats());
     // The page going away: a client with events still queued (its timer is
-    // far off) hands them to navigator.sendBeacon, a text/plain POST.
+    // far off) hands them to navigator.sendBeacon, a text/plain POST. The
+    // browser sends it after the page has gone, but the test's routes die
+    // with the page (and everything with the browser): wait for its answer
+    // before closing, as a real browser that lives on would.
+    const beaconAnswer = page
+      .waitForEvent("requestfinished", {
+        predicate: (r) => r.method() === "POST" && r.url().startsWith(`${edge}/v1/batch`),
+        timeout: 20000,
+      })
+      .then(async (r) => (await r.response())?.status() ?? null)
+      .catch((e) => `not answered: ${e.message}`);
     const beacon = await page.evaluate(
       async ({ edge, writeKey, build }) => {
         const outpost = await window.ready;
@@ -97,6 +107,7 @@ try {
       },
       { edge, writeKey, build },
     );
+    beacon.status = await beaconAnswer;
     result[build] = { ids, refusals, stats, beacon };
     await page.close();
   }
