@@ -21,15 +21,10 @@ fn the_browser_client_delivers_events_through_the_edge_with_retries() {
     let esbuild = root.join("node_modules/.bin/esbuild");
     assert!(esbuild.exists(), "run `npm ci` (scripts/test does)");
     // The script-tag build, from the module, as `npm run build:client` makes it.
-    let out = Command::new("npm")
-        .args(["run", "-s", "build:client"])
-        .current_dir(&root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    outpost_tests::run_ok(
+        Command::new("npm")
+            .args(["run", "-s", "build:client"])
+            .current_dir(&root),
     );
 
     let dir = tempfile::tempdir().unwrap();

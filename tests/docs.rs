@@ -92,16 +92,7 @@ fn readme_sign_command_prints_the_vector_signature() {
         &outpost_bin().display().to_string(),
         1,
     );
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = outpost_tests::run_ok(Command::new("bash").arg("-c").arg(&script));
     let expected_output = block
         .lines()
         .skip_while(|l| !l.starts_with("X-Outpost-Key"))

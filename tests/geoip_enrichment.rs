@@ -220,16 +220,11 @@ fn outpost_geoip_lookup_and_status_print_json() {
     )
     .unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(outpost_tests::outpost_bin())
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = outpost_tests::run_ok(
+            Command::new(outpost_tests::outpost_bin())
+                .args(args)
+                .arg("--config")
+                .arg(&cfg),
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };

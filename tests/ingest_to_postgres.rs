@@ -343,16 +343,11 @@ fn run_retention(db_url: &str, keep: &str) {
     outpost_tests::require_tool("psql");
     let block = outpost_tests::fenced_block_after(&outpost_tests::readme(), "example: retention");
     assert!(block.contains("keep='90 days'"), "{block}");
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(block.replace("keep='90 days'", &format!("keep='{keep}'")))
-        .env("OUTPOST_POSTGRES_URL", db_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    outpost_tests::run_ok(
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(block.replace("keep='90 days'", &format!("keep='{keep}'")))
+            .env("OUTPOST_POSTGRES_URL", db_url),
     );
 }
 

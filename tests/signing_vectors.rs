@@ -64,16 +64,7 @@ fn readme_python_example_signs_the_vector_and_shared_accepts_it() {
         "{example}\n\nimport json, sys\nh = outpost_headers({:?}, {:?}, {:?}, {:?}, {:?}.encode(), timestamp={}, nonce={:?})\nprint(json.dumps(h))\n",
         "acme-server", v["secret"], v["method"], v["path"], v["body"], v["timestamp"], v["nonce"]
     );
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = outpost_tests::run_ok(Command::new(python).arg("-c").arg(&script));
     let headers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let sig = headers["X-Outpost-Signature"].as_str().unwrap();
     assert_eq!(
@@ -108,16 +99,7 @@ fn readme_openssl_example_signs_the_vector() {
         "set -eu\nSECRET={:?}\nMETHOD={:?}\nPATH_AND_QUERY={:?}\nBODY={:?}\nTIMESTAMP={}\nNONCE={:?}\n{example}\necho \"$SIGNATURE\"\n",
         v["secret"], v["method"], v["path"], v["body"], v["timestamp"], v["nonce"]
     );
-    let out = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = outpost_tests::run_ok(Command::new("bash").arg("-c").arg(&script));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), v["signature"]);
 }
 
@@ -130,15 +112,8 @@ fn readme_node_example_signs_the_vector() {
         "{example}\nconsole.log(JSON.stringify(outpostHeaders({:?}, {:?}, {:?}, {:?}, {:?}, {{ timestamp: {}, nonce: {:?} }})));\n",
         "acme-server", v["secret"], v["method"], v["path"], v["body"], v["timestamp"], v["nonce"]
     );
-    let out = Command::new(node)
-        .args(["--input-type=module", "-e", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        outpost_tests::run_ok(Command::new(node).args(["--input-type=module", "-e", &script]));
     let headers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(headers["X-Outpost-Signature"], v["signature"].as_str());
     assert_eq!(headers["X-Outpost-Timestamp"], v["timestamp"].as_str());

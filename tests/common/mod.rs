@@ -30,6 +30,22 @@ pub fn outpost_bin() -> PathBuf {
     bin
 }
 
+/// Runs `cmd` to completion and fails the test, showing the command and
+/// what it printed, unless it exits successfully.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} did not start: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// README.md as text.
 pub fn readme() -> String {
     std::fs::read_to_string(repo_root().join("README.md")).expect("README.md")
