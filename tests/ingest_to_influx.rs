@@ -178,3 +178,70 @@ async fn influxdb_down_does_not_delay_postgres_and_catches_up_when_back() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn points_influxdb_refuses_are_dead_lettered_and_the_rest_written() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let influx = InfluxServer::influxdb_v1(free_port(), "outpost").await;
+    // Another writer made `p_ms` a string field in this shard: the sink's
+    // number for it is a field type conflict, which influxd answers with a
+    // 400 for the whole write (a partial write).
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let seeded = reqwest::Client::new()
+        .post(format!("{}/write?db=outpost", influx.url))
+        .body(format!(
+            "outpost_events,client=other p_ms=\"slow\" {now_ns}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seeded.status(), 204);
+    let agg = Aggregator::start(&config(
+        &db,
+        &redis,
+        &format!(
+            "api = \"v1\"\nurl = \"{}\"\ndatabase = \"outpost\"\n",
+            influx.url
+        ),
+    ))
+    .await;
+    let mut evs = events(70, 0..5);
+    evs[2].properties.insert("ms".into(), 2300.into());
+    let bad_id = evs[2].event_id.clone();
+    assert_eq!(
+        agg.ingest(frame_for("acme-web", evs, batch_id()))
+            .await
+            .status(),
+        202
+    );
+    eventually(20, "4 points and 1 dead letter", || async {
+        let rows = influx
+            .query_v1(
+                "outpost",
+                "SELECT count(\"count\") FROM outpost_events WHERE client = 'acme-web'",
+            )
+            .await;
+        rows.first()
+            .and_then(|r| r.get("count"))
+            .and_then(Value::as_i64)
+            == Some(4)
+            && agg.metric("outpost_sink_dead_letters_total").await == 1.0
+    })
+    .await;
+    // PostgreSQL had nothing against the row.
+    assert_eq!(db.count_events("acme-web").await, 5);
+    let spool = format!("sqlite://{}?mode=ro", agg.dir.join("spool.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&spool)
+        .await
+        .unwrap();
+    let (sink, event_id, error): (String, String, String) =
+        sqlx::query_as("SELECT sink, event_id, error FROM dead_letters")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!((sink.as_str(), event_id), ("influxdb", bad_id));
+    assert!(error.contains("conflict"), "{error}");
+}

@@ -4,12 +4,13 @@
 //!
 //! A sink that is unavailable is retried with exponential backoff and full
 //! jitter, without blaming any batch (nothing is dead-lettered because a
-//! database was down). Rows a sink refuses for their content, and frames
-//! that no longer decode, go to the spool's dead letters with the reason.
-//! A write that a reachable sink refuses as a whole without naming a row
-//! (see [`SinkError::Refused`]) is retried `delivery.max_attempts` times
-//! and then written row by row, so only the rows that still fail are
-//! dead-lettered and one poison row does not hold up its share for ever.
+//! database was down). A write a sink rejects for its data
+//! ([`SinkError::Rejected`]) is made again row by row at once; one it
+//! refuses without blaming data or itself ([`SinkError::Refused`]) is
+//! retried `delivery.max_attempts` times first. Either way only the rows
+//! refused alone go to the spool's dead letters with the reason, so one
+//! poison row does not hold up its share of the backlog; frames that no
+//! longer decode go there too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::DeliveryConfig;
 use crate::dedup::Dedup;
 use crate::geoip::{Geo, GeoIp};
-use crate::sinks::{Row, Sink, SinkError, WriteReport};
+use crate::sinks::{Row, Sink, SinkError};
 use crate::spool::{DeadLetter, Pending, Spool};
 use crate::telemetry::{Metrics, SinkLabel};
 
@@ -168,23 +169,21 @@ pub async fn run<S: Sink>(
     }
 }
 
-/// Writes each row on its own: a row the sink refuses is reported rejected
-/// with the reason, an outage stops the lot (to be retried).
-async fn write_row_by_row<S: Sink>(sink: &S, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
-    let mut report = WriteReport::default();
+/// Writes each row on its own and returns the ones the sink refused, by
+/// index, with the reason; an outage stops the lot (to be retried).
+async fn write_row_by_row<S: Sink>(
+    sink: &S,
+    rows: &[Row<'_>],
+) -> Result<Vec<(usize, String)>, SinkError> {
+    let mut refused = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         match sink.write(std::slice::from_ref(row)).await {
-            Ok(one) => {
-                report.written += one.written;
-                report
-                    .rejected
-                    .extend(one.rejected.into_iter().map(|(_, why)| (i, why)));
-            }
-            Err(SinkError::Refused(why)) => report.rejected.push((i, why)),
+            Ok(()) => {}
+            Err(SinkError::Rejected(why) | SinkError::Refused(why)) => refused.push((i, why)),
             Err(e @ SinkError::Unavailable(_)) => return Err(e),
         }
     }
-    Ok(report)
+    Ok(refused)
 }
 
 struct Decoded {
@@ -295,12 +294,19 @@ async fn deliver<S: Sink>(
                 })
         })
         .collect();
-    let report = if row_by_row {
+    let rejected = if row_by_row {
         write_row_by_row(sink, &rows).await?
     } else {
-        sink.write(&rows).await?
+        match sink.write(&rows).await {
+            Ok(()) => Vec::new(),
+            Err(SinkError::Rejected(why)) => {
+                tracing::warn!(sink = name, rows = rows.len(), error = %why, "the sink rejected the data; writing row by row");
+                write_row_by_row(sink, &rows).await?
+            }
+            Err(e) => return Err(e),
+        }
     };
-    for (i, reason) in &report.rejected {
+    for (i, reason) in &rejected {
         let row = &rows[*i];
         let payload = serde_json::to_vec(row.event).unwrap_or_default();
         let letter = DeadLetter {
@@ -319,11 +325,11 @@ async fn deliver<S: Sink>(
     ctx.metrics
         .sink_delivered_events
         .get_or_create(&label)
-        .inc_by((rows.len() - report.rejected.len()) as u64);
+        .inc_by((rows.len() - rejected.len()) as u64);
     ctx.metrics
         .sink_dead_letters
         .get_or_create(&label)
-        .inc_by(report.rejected.len() as u64);
+        .inc_by(rejected.len() as u64);
     done.extend(decoded.iter().map(|d| d.seq));
     ctx.spool.delivered(name, &done).await.map_err(spool_error)
 }

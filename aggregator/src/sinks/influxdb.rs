@@ -21,7 +21,7 @@ use influxdb_line_protocol::LineProtocolBuilder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Row, Sink, SinkError, WriteReport};
+use super::{Row, Sink, SinkError};
 use crate::config::Redacted;
 
 /// Which write API to use.
@@ -247,29 +247,21 @@ impl Sink for InfluxSink {
         "influxdb"
     }
 
-    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
+    async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
         if rows.is_empty() {
-            return Ok(WriteReport::default());
+            return Ok(());
         }
         let (status, answer) = self
             .post(self.lines(rows))
             .await
             .map_err(SinkError::Unavailable)?;
         match status {
-            200..=299 => Ok(WriteReport {
-                written: rows.len(),
-                rejected: Vec::new(),
-            }),
+            200..=299 => Ok(()),
             // The server refused the data itself (bad line, field type
-            // conflict): retrying cannot help. InfluxDB writes the good
-            // lines of a partial write, so the batch is reported refused as
-            // a whole rather than guessed at line by line.
-            400 | 422 => Ok(WriteReport {
-                written: 0,
-                rejected: (0..rows.len())
-                    .map(|i| (i, format!("influxdb {status}: {answer}")))
-                    .collect(),
-            }),
+            // conflict). It may have written the good lines of a partial
+            // write; writing them again point by point is harmless (same
+            // series and time), and leaves only the bad ones refused.
+            400 | 422 => Err(SinkError::Rejected(format!("influxdb {status}: {answer}"))),
             // Too large for the server's limit: perhaps one huge point, so
             // retried a bounded number of times, then written point by point.
             413 => Err(SinkError::Refused(format!("influxdb {status}: {answer}"))),

@@ -71,17 +71,8 @@ impl Row<'_> {
     }
 }
 
-/// What a write did.
-#[derive(Debug, Default)]
-pub struct WriteReport {
-    /// Rows the sink now has (including ones it already had).
-    pub written: usize,
-    /// Rows the sink refused for their content, by index, with the reason:
-    /// retrying cannot help, so they go to dead letters.
-    pub rejected: Vec<(usize, String)>,
-}
-
-/// Why a write failed as a whole.
+/// Why a write failed. The sinks say which kind; the delivery workers
+/// (`delivery.rs`) decide what follows, the same way for every sink.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The sink itself is down, overloaded or misconfigured: the write is
@@ -89,6 +80,12 @@ pub enum SinkError {
     /// (nothing is dead-lettered because a database was away).
     #[error("{0}")]
     Unavailable(String),
+    /// The sink refused the data (PostgreSQL SQLSTATE classes 22 and 23; an
+    /// InfluxDB 400 or 422) without saying which rows: the write is made
+    /// again row by row at once, and the rows refused alone go to dead
+    /// letters with the reason — retrying them cannot help.
+    #[error("{0}")]
+    Rejected(String),
     /// The sink is up but refused the write as a whole, for a reason that
     /// may lie in the data (a PostgreSQL program limit, internal error or
     /// trigger exception; an InfluxDB 413). Retried `delivery.max_attempts`
@@ -102,11 +99,9 @@ pub enum SinkError {
 pub trait Sink: Send + Sync + 'static {
     /// Stable name: spool cursor, metrics label, logs.
     fn name(&self) -> &'static str;
-    /// Writes rows idempotently (a row written twice is stored once).
-    fn write(
-        &self,
-        rows: &[Row<'_>],
-    ) -> impl Future<Output = Result<WriteReport, SinkError>> + Send;
+    /// Writes rows idempotently (a row written twice is stored once), all
+    /// of them or none.
+    fn write(&self, rows: &[Row<'_>]) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// For readiness.
     fn ping(&self) -> impl Future<Output = bool> + Send;
 }

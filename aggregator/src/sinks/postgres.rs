@@ -4,15 +4,14 @@
 //! statement adds the rows it really inserted to the per-minute counts of
 //! `event_counts` (the rollups `GET /v1/stats` reads), so they stay exact.
 //!
-//! When PostgreSQL refuses the statement for its data (SQLSTATE classes 22
-//! and 23), the rows are written one by one so that only the offending rows
-//! are dead-lettered; any other error means the database is unavailable
-//! and the whole write is retried later.
+//! Errors are sorted by SQLSTATE class into the data's fault, the
+//! database's, or neither for sure ([`SinkError`]); the delivery workers
+//! narrow the first and the last down to rows.
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-use super::{Row, Sink, SinkError, WriteReport};
+use super::{Row, Sink, SinkError};
 use crate::config::PostgresConfig;
 
 /// Embedded migrations (`migrations/postgres`).
@@ -124,8 +123,9 @@ fn blame(e: &sqlx::Error) -> Blame {
 
 fn sink_error(e: &sqlx::Error) -> SinkError {
     match blame(e) {
+        Blame::Row => SinkError::Rejected(e.to_string()),
         Blame::Sink => SinkError::Unavailable(e.to_string()),
-        Blame::Row | Blame::Unknown => SinkError::Refused(e.to_string()),
+        Blame::Unknown => SinkError::Refused(e.to_string()),
     }
 }
 
@@ -134,31 +134,11 @@ impl Sink for PostgresSink {
         "postgres"
     }
 
-    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
+    async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
         if rows.is_empty() {
-            return Ok(WriteReport::default());
+            return Ok(());
         }
-        match self.insert(rows).await {
-            Ok(()) => {
-                return Ok(WriteReport {
-                    written: rows.len(),
-                    rejected: Vec::new(),
-                });
-            }
-            Err(e) if blame(&e) != Blame::Row => return Err(sink_error(&e)),
-            Err(e) => {
-                tracing::warn!(error = %e, rows = rows.len(), "postgres refused a batch; writing row by row")
-            }
-        }
-        let mut report = WriteReport::default();
-        for (i, row) in rows.iter().enumerate() {
-            match self.insert(std::slice::from_ref(row)).await {
-                Ok(()) => report.written += 1,
-                Err(e) if blame(&e) == Blame::Row => report.rejected.push((i, e.to_string())),
-                Err(e) => return Err(sink_error(&e)),
-            }
-        }
-        Ok(report)
+        self.insert(rows).await.map_err(|e| sink_error(&e))
     }
 
     async fn ping(&self) -> bool {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
-use super::{Row, Sink, SinkError, WriteReport};
+use super::{Row, Sink, SinkError};
 use crate::config::SqliteConfig;
 
 /// Embedded migrations (`migrations/sqlite`).
@@ -109,20 +109,16 @@ impl Sink for SqliteSink {
         "sqlite"
     }
 
-    async fn write(&self, rows: &[Row<'_>]) -> Result<WriteReport, SinkError> {
+    async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
         if rows.is_empty() {
-            return Ok(WriteReport::default());
+            return Ok(());
         }
         // Every column is loosely typed and duplicates are ignored: SQLite
         // has no reason to refuse a validated row, so any error is the
         // store's (busy, disk full) and the write is retried.
         self.insert(rows)
             .await
-            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
-        Ok(WriteReport {
-            written: rows.len(),
-            rejected: Vec::new(),
-        })
+            .map_err(|e| SinkError::Unavailable(e.to_string()))
     }
 
     async fn ping(&self) -> bool {
