@@ -62,6 +62,144 @@ async fn acknowledged_frames_become_rows_with_every_field() {
     );
 }
 
+/// Events whose text `COPY` must escape (tab, newline, carriage return,
+/// backslash, `\N`, `\.`), with non-ASCII text, over four minutes, with
+/// levels, priorities and a missing platform.
+fn awkward_events(tag: u32) -> Vec<outpost_shared::event::Event> {
+    use outpost_shared::event::{Kind, Level, Priority, Timestamp};
+    let mut evs = events(tag, 0..12);
+    let start = outpost_tests::aggregator::now().0 - 4 * 60_000;
+    for (i, e) in evs.iter_mut().enumerate() {
+        e.timestamp = Some(Timestamp(start + i as i64 * 20_000 + 7));
+        match i % 4 {
+            0 => {
+                e.kind = Kind::Log;
+                e.level = Some(Level::Error);
+                e.name = Some("crash".into());
+                e.message = Some("line one\n\tline two \\ with \\N and \\.\r\nend".into());
+            }
+            1 => {
+                e.name = Some("café ☕ 日本".into());
+                e.user_id = Some("tab\there\\".into());
+            }
+            2 => {
+                e.properties
+                    .insert("path".into(), serde_json::json!("C:\\temp\\x\ty\n"));
+                e.properties.insert("emoji".into(), serde_json::json!("🎉"));
+            }
+            _ => {
+                e.priority = Priority::High;
+                e.context.platform = None;
+            }
+        }
+    }
+    evs
+}
+
+#[tokio::test]
+async fn copy_and_its_insert_fallback_store_and_count_the_same_values() {
+    // Dedup off: a repeated event reaches PostgreSQL and makes COPY fail.
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let config = store_config(&db.url, &redis).replace("backend = \"redis\"", "backend = \"off\"");
+    let agg = Aggregator::start(&config).await;
+
+    // One write of new events: COPY.
+    let sent = awkward_events(21);
+    let resp = agg
+        .ingest(frame_for("copy-path", sent.clone(), batch_id()))
+        .await;
+    assert_eq!(resp.status(), 202);
+    // The same events for another client, one of them stored first: its
+    // second write holds an event PostgreSQL has, COPY fails on the unique
+    // key, and INSERT … ON CONFLICT stores the other eleven.
+    let resp = agg
+        .ingest(frame_for("insert-path", sent[3..4].to_vec(), batch_id()))
+        .await;
+    assert_eq!(resp.status(), 202);
+    eventually(15, "the first event of insert-path", || async {
+        db.count_events("insert-path").await == 1
+    })
+    .await;
+    let resp = agg
+        .ingest(frame_for("insert-path", sent.clone(), batch_id()))
+        .await;
+    assert_eq!(resp.status(), 202);
+    eventually(15, "12 rows for both clients", || async {
+        db.count_events("copy-path").await == 12 && db.count_events("insert-path").await == 12
+    })
+    .await;
+
+    // Text comes back exactly as sent.
+    type Text = (Option<String>, Option<String>, Option<String>, Value);
+    let stored: Vec<Text> = sqlx::query_as(
+        "SELECT name, message, user_id, properties FROM events WHERE client_id = 'copy-path' ORDER BY event_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (e, (name, message, user_id, properties)) in sent.iter().zip(&stored) {
+        assert_eq!(name, &e.name);
+        assert_eq!(message, &e.message);
+        assert_eq!(user_id, &e.user_id);
+        assert_eq!(properties, &Value::Object(e.properties.clone()));
+    }
+
+    // Both paths store the same values, column by column.
+    let rows = |client: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT jsonb_agg(jsonb_build_array(event_id, ts, kind, name, message, level, user_id, \
+                 anonymous_id, session_id, properties, context, app_version, platform, trace_id, span_id, \
+                 seq, priority, host(client_ip), user_agent, pop, country, region, city, latitude, \
+                 longitude, time_zone, asn, as_org, edge_id) ORDER BY event_id)::text \
+                 FROM events WHERE client_id = $1",
+            )
+            .bind(client)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(rows("copy-path").await, rows("insert-path").await);
+
+    // Both keep the rollups exact: what the events recount to, the repeated
+    // event counted once.
+    let counted = |client: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT jsonb_agg(jsonb_build_array(dim, minute, value, events) ORDER BY dim, minute, value)::text \
+                 FROM event_counts WHERE client_id = $1",
+            )
+            .bind(client)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let recounted: String = sqlx::query_scalar(
+        "SELECT jsonb_agg(jsonb_build_array(dim, minute, value, n) ORDER BY dim, minute, value)::text FROM ( \
+           SELECT d.dim, floor(extract(epoch from e.ts) / 60)::int8 AS minute, d.value, count(*) AS n \
+           FROM events e, LATERAL (VALUES ('', NULL), ('kind', e.kind), ('name', e.name), ('country', e.country), \
+             ('platform', e.platform), ('app_version', e.app_version), ('level', e.level), \
+             ('priority', e.priority)) AS d(dim, value) \
+           WHERE e.client_id = 'copy-path' GROUP BY 1, 2, 3) c",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(counted("copy-path").await, recounted);
+    assert_eq!(counted("insert-path").await, recounted);
+    let minutes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM event_counts WHERE client_id = 'copy-path' AND dim = ''",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(minutes >= 4, "the events span several minutes: {minutes}");
+}
+
 #[tokio::test]
 async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
