@@ -1,8 +1,14 @@
 //! The durable spool: a batch is acknowledged only once it is in here, and
 //! it stays until every sink has it.
 //!
-//! Storage is SQLite in WAL mode with `synchronous=FULL`, so a commit has
-//! been fsynced when it returns (see ARCHITECTURE.md for why SQLite).
+//! Storage is SQLite in WAL mode. Appends are committed with
+//! `synchronous=FULL`, so an acknowledged frame has been fsynced (see
+//! ARCHITECTURE.md for why SQLite). The bookkeeping after delivery (cursor
+//! moves, dead letters) is committed with `synchronous=NORMAL`: no fsync of
+//! its own, made durable by the next append's fsync (the WAL is one file,
+//! written in order). Power lost in between only forgets that some batches
+//! were delivered, and they are delivered again — every sink stores a
+//! batch once however often it gets it.
 //! Frames are appended by one writer task that commits whatever has queued
 //! up since the last fsync in one transaction (group commit): under load
 //! many frames share one fsync; when idle a frame waits for none.
@@ -199,9 +205,11 @@ impl Spool {
             std::fs::create_dir_all(dir)?;
         }
         let opts = options(path)?;
+        // The readers and the delivery bookkeeping; appends have their own
+        // connection below, with every commit fsynced.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts.clone())
+            .connect_with(opts.clone().synchronous(SqliteSynchronous::Normal))
             .await?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await?;
         reconcile_sinks(&pool, &sinks).await?;
