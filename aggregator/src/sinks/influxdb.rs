@@ -13,6 +13,7 @@
 //!   from its event id, so that two events with the same tags in the same
 //!   millisecond stay two points, and a replayed event overwrites itself.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -163,6 +164,7 @@ impl InfluxSink {
     /// Line protocol for rows.
     pub fn lines(&self, rows: &[Row<'_>]) -> Vec<u8> {
         let mut b = LineProtocolBuilder::new();
+        let mut key = String::new();
         for r in rows {
             let e = r.event;
             let mut line = b
@@ -184,7 +186,10 @@ impl InfluxSink {
             let mut fields = line.field("count", 1i64);
             for (k, v) in &e.properties {
                 if let Some(n) = v.as_f64().filter(|n| n.is_finite()) {
-                    fields = fields.field(&format!("p_{k}"), n);
+                    key.clear();
+                    key.push_str("p_");
+                    key.push_str(k);
+                    fields = fields.field(&key, n);
                 }
             }
             b = fields
@@ -224,13 +229,17 @@ impl InfluxSink {
 }
 
 /// Tag values cannot hold line breaks, and a trailing backslash would
-/// escape the separator after it.
-fn tag_value(v: &str) -> String {
+/// escape the separator after it. Most values are clean and are borrowed.
+fn tag_value(v: &str) -> Cow<'_, str> {
+    let clean = |v: &str| v.trim_end_matches('\\').trim().len() == v.len();
+    if !v.chars().any(char::is_control) && clean(v) {
+        return Cow::Borrowed(v);
+    }
     let cleaned: String = v
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    cleaned.trim_end_matches('\\').trim().to_owned()
+    Cow::Owned(cleaned.trim_end_matches('\\').trim().to_owned())
 }
 
 /// The event's millisecond, plus a sub-millisecond offset from its id.
