@@ -7,8 +7,10 @@
 //! errors by code. With `--wait-delivery` it also waits until the server's
 //! `outpost_sink_delivered_events_total{sink="postgres"}` has grown by every
 //! event sent, giving the end-to-end rate; `--baseline-postgres URL` then
-//! COPYs the same rows straight into a scratch table, so the end-to-end rate
-//! can be reported as a ratio to raw COPY measured in the same run.
+//! COPYs the same rows straight into a scratch table, three times, so the
+//! end-to-end rate can be reported as a ratio to raw COPY (the median of the
+//! three: a single COPY right after a load varies by a third on a small
+//! machine) measured in the same run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,8 +73,11 @@ pub struct BenchReport {
     pub end_to_end_secs: Option<f64>,
     /// Events per second, end to end into PostgreSQL.
     pub end_to_end_events_per_sec: Option<f64>,
-    /// Events per second of a raw COPY of the same rows.
+    /// Events per second of a raw COPY of the same rows (the median of
+    /// [`BenchReport::baseline_copy_runs`]).
     pub baseline_copy_events_per_sec: Option<f64>,
+    /// Events per second of each COPY of the same rows, in run order.
+    pub baseline_copy_runs: Vec<f64>,
     /// End-to-end rate over the COPY rate.
     pub ratio_to_copy: Option<f64>,
     /// Server's peak resident memory, MiB.
@@ -287,10 +292,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     }
     let end_to_end_events_per_sec = end_to_end_secs.map(|s| events_ok as f64 / s);
 
-    let baseline_copy_events_per_sec = match &opts.baseline_postgres {
-        Some(url) => Some(copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?),
-        None => None,
+    let baseline_copy_runs = match &opts.baseline_postgres {
+        Some(url) => copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?,
+        None => Vec::new(),
     };
+    let baseline_copy_events_per_sec = median(&baseline_copy_runs);
     let ratio_to_copy = match (end_to_end_events_per_sec, baseline_copy_events_per_sec) {
         (Some(e), Some(b)) if b > 0.0 => Some(e / b),
         _ => None,
@@ -305,6 +311,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         end_to_end_secs,
         end_to_end_events_per_sec,
         baseline_copy_events_per_sec,
+        baseline_copy_runs,
         ratio_to_copy,
         server_peak_rss_mib: opts.server_pid.and_then(peak_rss_mib),
     })
@@ -326,23 +333,28 @@ async fn delivered_postgres(
         .unwrap_or(0.0))
 }
 
+/// How many times the COPY baseline runs.
+const BASELINE_RUNS: usize = 3;
+
+fn median(runs: &[f64]) -> Option<f64> {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
+}
+
 /// COPYs the same rows (same columns the sink writes) into a scratch copy of
-/// `events`, timed; the table is dropped afterwards.
+/// `events`, timed, [`BASELINE_RUNS`] times (a fresh table each time,
+/// dropped afterwards); events per second of each run.
 async fn copy_baseline(
     url: &str,
     client_id: &str,
     events: &[Event],
     facts: &outpost_shared::EdgeFacts,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Vec<f64>> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(url)
         .await
         .context("baseline PostgreSQL")?;
-    let table = format!("outpost_bench_baseline_{}", std::process::id());
-    sqlx::query(&format!("CREATE TABLE {table} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)"))
-        .execute(&mut conn)
-        .await
-        .context("creating the baseline table (run `outpost migrate` on that database first)")?;
     let mut text = String::with_capacity(events.len() * 700);
     let esc = |s: &str| {
         s.replace('\\', "\\\\")
@@ -383,26 +395,35 @@ async fn copy_baseline(
         text.push_str(&fields.join("\t"));
         text.push('\n');
     }
-    let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {table} (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, message, level, user_id, \
-             anonymous_id, session_id, properties, context, app_version, platform, trace_id, span_id, seq, priority, \
-             client_ip, user_agent, pop, country) FROM STDIN"
-        ))
-        .await?;
-    copy.send(text.as_bytes()).await?;
-    let rows = copy.finish().await?;
-    let secs = started.elapsed().as_secs_f64();
-    sqlx::query(&format!("DROP TABLE {table}"))
-        .execute(&mut conn)
-        .await?;
-    anyhow::ensure!(
-        rows as usize == events.len(),
-        "COPY wrote {rows} of {} rows",
-        events.len()
-    );
-    Ok(events.len() as f64 / secs)
+    let table = format!("outpost_bench_baseline_{}", std::process::id());
+    let mut runs = Vec::with_capacity(BASELINE_RUNS);
+    for _ in 0..BASELINE_RUNS {
+        sqlx::query(&format!("CREATE TABLE {table} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)"))
+            .execute(&mut conn)
+            .await
+            .context("creating the baseline table (run `outpost migrate` on that database first)")?;
+        let started = Instant::now();
+        let mut copy = conn
+            .copy_in_raw(&format!(
+                "COPY {table} (client_id, event_id, batch_id, edge_id, ts, received_at, kind, name, message, level, user_id, \
+                 anonymous_id, session_id, properties, context, app_version, platform, trace_id, span_id, seq, priority, \
+                 client_ip, user_agent, pop, country) FROM STDIN"
+            ))
+            .await?;
+        copy.send(text.as_bytes()).await?;
+        let rows = copy.finish().await?;
+        let secs = started.elapsed().as_secs_f64();
+        sqlx::query(&format!("DROP TABLE {table}"))
+            .execute(&mut conn)
+            .await?;
+        anyhow::ensure!(
+            rows as usize == events.len(),
+            "COPY wrote {rows} of {} rows",
+            events.len()
+        );
+        runs.push(events.len() as f64 / secs);
+    }
+    Ok(runs)
 }
 
 fn peak_rss_mib(pid: u32) -> Option<f64> {
@@ -440,7 +461,15 @@ impl BenchReport {
             ));
         }
         if let Some(b) = self.baseline_copy_events_per_sec {
-            s.push_str(&format!("raw COPY baseline: {b:.0} events/s\n"));
+            let runs: Vec<String> = self
+                .baseline_copy_runs
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect();
+            s.push_str(&format!(
+                "raw COPY baseline: {b:.0} events/s (median of {})\n",
+                runs.join(", ")
+            ));
         }
         if let Some(r) = self.ratio_to_copy {
             s.push_str(&format!("ratio end-to-end / COPY: {r:.2}\n"));
