@@ -286,10 +286,7 @@ async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
         agg.metric("outpost_spool_batches").await == 0.0
     })
     .await;
-    let spool = format!("sqlite://{}?mode=ro", agg.dir.join("spool.db").display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&spool)
-        .await
-        .unwrap();
+    let mut conn = agg.spool().await;
     let (event_id, error, payload): (String, String, Vec<u8>) =
         sqlx::query_as("SELECT event_id, error, payload FROM dead_letters")
             .fetch_one(&mut conn)
@@ -348,10 +345,7 @@ async fn a_write_refused_as_a_whole_is_retried_then_narrowed_to_the_failing_row(
         "{}",
         agg.log()
     );
-    let spool = format!("sqlite://{}?mode=ro", agg.dir.join("spool.db").display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&spool)
-        .await
-        .unwrap();
+    let mut conn = agg.spool().await;
     let (event_id, error): (String, String) =
         sqlx::query_as("SELECT event_id, error FROM dead_letters")
             .fetch_one(&mut conn)

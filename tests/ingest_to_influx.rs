@@ -14,6 +14,19 @@ fn config(db: &TestDb, redis: &TestRedis, influx: &str) -> String {
 }
 use serde_json::Value;
 
+/// Points of client `acme-web` in influxd's database `outpost`.
+async fn acme_points(influx: &InfluxServer) -> Option<i64> {
+    let rows = influx
+        .query_v1(
+            "outpost",
+            "SELECT count(\"count\") FROM outpost_events WHERE client = 'acme-web'",
+        )
+        .await;
+    rows.first()
+        .and_then(|r| r.get("count"))
+        .and_then(Value::as_i64)
+}
+
 #[tokio::test]
 async fn frames_become_points_in_influxdb_1x_through_the_v1_api_and_rows_in_postgres() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
@@ -36,16 +49,7 @@ async fn frames_become_points_in_influxdb_1x_through_the_v1_api_and_rows_in_post
         );
     }
     eventually(20, "30 points", || async {
-        let rows = influx
-            .query_v1(
-                "outpost",
-                "SELECT count(\"count\") FROM outpost_events WHERE client = 'acme-web'",
-            )
-            .await;
-        rows.first()
-            .and_then(|r| r.get("count"))
-            .and_then(Value::as_i64)
-            == Some(30)
+        acme_points(&influx).await == Some(30)
     })
     .await;
     assert_eq!(db.count_events("acme-web").await, 30);
@@ -218,25 +222,13 @@ async fn points_influxdb_refuses_are_dead_lettered_and_the_rest_written() {
         202
     );
     eventually(20, "4 points and 1 dead letter", || async {
-        let rows = influx
-            .query_v1(
-                "outpost",
-                "SELECT count(\"count\") FROM outpost_events WHERE client = 'acme-web'",
-            )
-            .await;
-        rows.first()
-            .and_then(|r| r.get("count"))
-            .and_then(Value::as_i64)
-            == Some(4)
+        acme_points(&influx).await == Some(4)
             && agg.metric("outpost_sink_dead_letters_total").await == 1.0
     })
     .await;
     // PostgreSQL had nothing against the row.
     assert_eq!(db.count_events("acme-web").await, 5);
-    let spool = format!("sqlite://{}?mode=ro", agg.dir.join("spool.db").display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&spool)
-        .await
-        .unwrap();
+    let mut conn = agg.spool().await;
     let (sink, event_id, error): (String, String, String) =
         sqlx::query_as("SELECT sink, event_id, error FROM dead_letters")
             .fetch_one(&mut conn)

@@ -140,6 +140,14 @@ impl Aggregator {
         c.wait().expect("wait")
     }
 
+    /// The spool database, read-only (dead letters, cursors).
+    pub async fn spool(&self) -> sqlx::SqliteConnection {
+        let url = format!("sqlite://{}?mode=ro", self.dir.join("spool.db").display());
+        <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("open the spool")
+    }
+
     /// The process log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("outpost.log")).unwrap_or_default()

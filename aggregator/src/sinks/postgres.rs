@@ -387,6 +387,8 @@ impl Columns {
 /// inside a multi-byte UTF-8 character.
 struct CopyText {
     buf: Vec<u8>,
+    /// The next value is a row's first (no tab before it).
+    row_start: bool,
     /// Reused for each JSON value before it is escaped into `buf`.
     json: Vec<u8>,
 }
@@ -395,6 +397,7 @@ impl CopyText {
     fn with_capacity(n: usize) -> CopyText {
         CopyText {
             buf: Vec::with_capacity(n),
+            row_start: true,
             json: Vec::with_capacity(4096),
         }
     }
@@ -408,81 +411,62 @@ impl CopyText {
         let e = r.event;
         let g = r.geo;
         self.text(r.client_id);
-        self.tab();
         self.text(&e.event_id);
-        self.tab();
-        let _ = write!(self.buf, "{}", r.batch_id);
-        self.tab();
+        self.display(r.batch_id);
         self.text(r.edge_id);
-        self.tab();
         self.time(r.ts_ms());
-        self.tab();
         self.time(r.facts.received_at.millis());
-        self.tab();
         self.text(e.kind.as_str());
-        self.tab();
         self.opt(e.name.as_deref());
-        self.tab();
         self.opt(e.message.as_deref());
-        self.tab();
         self.opt(e.level.map(|l| l.as_str()));
-        self.tab();
         self.opt(e.user_id.as_deref());
-        self.tab();
         self.opt(e.anonymous_id.as_deref());
-        self.tab();
         self.opt(e.session_id.as_deref());
-        self.tab();
         self.json(&e.properties);
-        self.tab();
         self.json(&e.context);
-        self.tab();
         self.opt(e.context.app_version.as_deref());
-        self.tab();
         self.opt(e.context.platform.as_deref());
-        self.tab();
         self.opt(e.trace_id.as_deref());
-        self.tab();
         self.opt(e.span_id.as_deref());
-        self.tab();
         self.int(r.seq());
-        self.tab();
         self.text(e.priority.as_str());
-        self.tab();
         self.opt(r.client_ip());
-        self.tab();
         self.opt(r.facts.user_agent.as_deref());
-        self.tab();
         self.opt(r.facts.pop.as_deref());
-        self.tab();
         self.opt(r.country());
-        self.tab();
         self.opt(g.and_then(|g| g.region.as_deref()));
-        self.tab();
         self.opt(g.and_then(|g| g.city.as_deref()));
-        self.tab();
         self.float(g.and_then(|g| g.latitude));
-        self.tab();
         self.float(g.and_then(|g| g.longitude));
-        self.tab();
         self.opt(g.and_then(|g| g.time_zone.as_deref()));
-        self.tab();
         self.int(g.and_then(|g| g.asn).map(i64::from));
-        self.tab();
         self.opt(g.and_then(|g| g.as_org.as_deref()));
         self.buf.push(b'\n');
+        self.row_start = true;
     }
 
-    fn tab(&mut self) {
-        self.buf.push(b'\t');
+    /// Every value starts here: a tab before all but a row's first.
+    fn sep(&mut self) {
+        if !std::mem::take(&mut self.row_start) {
+            self.buf.push(b'\t');
+        }
     }
 
     fn null(&mut self) {
+        self.sep();
         self.buf.extend_from_slice(b"\\N");
     }
 
     fn text(&mut self, s: &str) {
+        self.sep();
         escape_into(&mut self.buf, s.as_bytes());
+    }
+
+    /// A value whose `Display` needs no escapes (numbers, ids).
+    fn display(&mut self, v: impl std::fmt::Display) {
+        self.sep();
+        let _ = write!(self.buf, "{v}");
     }
 
     /// A value as JSON text (what `Row::properties_json` and
@@ -493,6 +477,7 @@ impl CopyText {
             self.json.clear();
             self.json.extend_from_slice(b"{}");
         }
+        self.sep();
         escape_into(&mut self.buf, &self.json);
     }
 
@@ -505,9 +490,7 @@ impl CopyText {
 
     fn int(&mut self, n: Option<i64>) {
         match n {
-            Some(n) => {
-                let _ = write!(self.buf, "{n}");
-            }
+            Some(n) => self.display(n),
             None => self.null(),
         }
     }
@@ -516,12 +499,10 @@ impl CopyText {
         match x {
             // Rust writes the shortest digits that read back as the same
             // double, never an exponent: PostgreSQL reads them exactly.
-            Some(x) if x.is_finite() => {
-                let _ = write!(self.buf, "{x}");
-            }
-            Some(x) if x.is_nan() => self.buf.extend_from_slice(b"NaN"),
-            Some(x) if x > 0.0 => self.buf.extend_from_slice(b"Infinity"),
-            Some(_) => self.buf.extend_from_slice(b"-Infinity"),
+            Some(x) if x.is_finite() => self.display(x),
+            Some(x) if x.is_nan() => self.display("NaN"),
+            Some(x) if x > 0.0 => self.display("Infinity"),
+            Some(_) => self.display("-Infinity"),
             None => self.null(),
         }
     }
@@ -529,6 +510,7 @@ impl CopyText {
     /// An instant as `YYYY-MM-DD HH:MM:SS.mmm+00` (callers check
     /// [`CopyText::writes_time`] first).
     fn time(&mut self, ms: i64) {
+        self.sep();
         if let Some(t) = DateTime::from_timestamp_millis(ms) {
             let _ = write!(
                 self.buf,
@@ -643,22 +625,24 @@ mod tests {
     }
 
     #[test]
+    fn copy_text_separates_values_even_when_the_first_is_empty() {
+        let mut t = CopyText::with_capacity(16);
+        t.text("");
+        t.int(Some(1));
+        t.opt(Some("x"));
+        assert_eq!(t.buf, b"\t1\tx");
+    }
+
+    #[test]
     fn copy_text_writes_instants_numbers_and_nulls_as_postgres_reads_them() {
         let mut t = CopyText::with_capacity(64);
         t.time(1_795_701_600_123);
-        t.tab();
         t.time(-1);
-        t.tab();
         t.float(Some(50.110_924));
-        t.tab();
         t.float(Some(f64::NAN));
-        t.tab();
         t.float(Some(f64::NEG_INFINITY));
-        t.tab();
         t.float(Some(1e21));
-        t.tab();
         t.int(Some(-42));
-        t.tab();
         t.opt(None);
         assert_eq!(
             String::from_utf8(t.buf).unwrap(),
