@@ -134,11 +134,12 @@ impl PostgresSink {
 
     /// The fast path: `COPY` and the counts' upsert in one transaction.
     async fn copy(&self, rows: &[Row<'_>]) -> Result<Copied, sqlx::Error> {
-        if rows.iter().any(|r| !CopyText::writes_time(r.ts_ms()))
-            || rows
-                .iter()
-                .any(|r| !CopyText::writes_time(r.facts.received_at.millis()))
-        {
+        let writable = |r: &Row<'_>| {
+            [r.ts_ms(), r.facts.received_at.millis()]
+                .into_iter()
+                .all(CopyText::writes_time)
+        };
+        if !rows.iter().all(writable) {
             return Ok(Copied::Unsuited);
         }
         let mut tx = self.pool.begin().await?;
