@@ -85,7 +85,12 @@ pub struct BatchId(pub [u8; 16]);
 
 impl core::fmt::Display for BatchId {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(&uuid::Uuid::from_bytes(self.0).hyphenated().to_string())
+        let mut buf = uuid::Uuid::encode_buffer();
+        f.write_str(
+            uuid::Uuid::from_bytes(self.0)
+                .hyphenated()
+                .encode_lower(&mut buf),
+        )
     }
 }
 
