@@ -6,7 +6,9 @@ use std::io::Read as _;
 
 // The aggregator allocates many small, short-lived objects per event
 // (decoding, JSON, line protocol); glibc malloc spent ~40 % of its CPU on
-// them under `outpost bench` (see BENCHMARKS.md).
+// them under `outpost bench` (see BENCHMARKS.md). Built without its
+// transparent-huge-page advice (`no_thp`): with it, the kernel zeroed a
+// 2 MiB page at each fresh fault, a sixth of the CPU under load.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
