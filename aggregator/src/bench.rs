@@ -293,7 +293,20 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let end_to_end_events_per_sec = end_to_end_secs.map(|s| events_ok as f64 / s);
 
     let baseline_copy_runs = match &opts.baseline_postgres {
-        Some(url) => copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?,
+        Some(url) => {
+            // The yardstick runs on a quiet machine: not while another sink
+            // (InfluxDB) is still catching up on the same CPUs.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while metric(&client, &opts.url, "outpost_spool_batches")
+                .await
+                .unwrap_or(0.0)
+                > 0.0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?
+        }
         None => Vec::new(),
     };
     let baseline_copy_events_per_sec = median(&baseline_copy_runs);
@@ -321,15 +334,27 @@ async fn delivered_postgres(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     base: &str,
 ) -> anyhow::Result<f64> {
+    metric(
+        client,
+        base,
+        "outpost_sink_delivered_events_total{sink=\"postgres\"}",
+    )
+    .await
+}
+
+/// One sample of the aggregator's `/metrics` (0 when it is not there).
+async fn metric(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    base: &str,
+    series: &str,
+) -> anyhow::Result<f64> {
     let uri: hyper::Uri = format!("{}/metrics", base.trim_end_matches('/')).parse()?;
     let resp = client.get(uri).await?;
     let text = resp.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&text);
     Ok(text
         .lines()
-        .find(|l| l.starts_with("outpost_sink_delivered_events_total{sink=\"postgres\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0))
 }
 
