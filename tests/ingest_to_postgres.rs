@@ -200,6 +200,139 @@ async fn copy_and_its_insert_fallback_store_and_count_the_same_values() {
     assert!(minutes >= 4, "the events span several minutes: {minutes}");
 }
 
+/// A frame of `events` for `client_id` that arrived at `received_at`.
+fn frame_at(
+    client_id: &str,
+    events: Vec<outpost_shared::event::Event>,
+    received_at: outpost_shared::event::Timestamp,
+) -> Vec<u8> {
+    let mut batch = outpost_shared::sample::typical_batch(0);
+    batch.client_id = client_id.into();
+    batch.facts.received_at = received_at;
+    batch.events = events;
+    let meta = outpost_shared::frame::FrameMeta {
+        edge_id: "test",
+        batch_id: batch_id(),
+        created_at: received_at,
+        compress: true,
+    };
+    outpost_shared::frame::encode(&meta, &batch, &outpost_tests::aggregator::edge_key()).unwrap()
+}
+
+#[tokio::test]
+async fn batches_decoded_again_from_the_spool_are_stored_like_handed_off_ones() {
+    // Two aggregators on one database: one hands ingest's decoded batches
+    // to its sink in memory, the other has the hand-off turned off and
+    // decodes every spooled frame again. The same frames (as far as the
+    // client goes) must end up as the same rows.
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    let config = store_config(&db.url, &redis);
+    let memory = Aggregator::start(&config).await;
+    let again = Aggregator::start(&config.replace(
+        "[delivery]
+",
+        "[delivery]
+handoff_max_bytes = 0
+",
+    ))
+    .await;
+
+    // What validation fills in or refuses: an event without a timestamp
+    // (it gets the arrival time), a log without a level (`info`), an
+    // invalid id (not stored); then a second frame repeating two ids
+    // (duplicates, dropped).
+    let received_at = outpost_tests::aggregator::now();
+    let mut sent = awkward_events(31);
+    sent[1].timestamp = None;
+    sent[4].level = None;
+    sent[6].event_id = "not-an-event-id".into();
+    let repeat = vec![sent[2].clone(), sent[3].clone()];
+    for (agg, client) in [(&memory, "handoff-path"), (&again, "spool-path")] {
+        let resp = agg
+            .ingest(frame_at(client, sent.clone(), received_at))
+            .await;
+        assert_eq!(resp.status(), 202);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (body["accepted"].as_u64(), body["rejected"].as_u64()),
+            (Some(11), Some(1))
+        );
+        eventually(15, "the first frame stored", || async {
+            db.count_events(client).await == 11
+        })
+        .await;
+        let resp = agg
+            .ingest(frame_at(client, repeat.clone(), received_at))
+            .await;
+        assert_eq!(resp.status(), 202);
+        eventually(15, "the repeats dropped as duplicates", || async {
+            agg.metric("outpost_dedup_duplicates_total").await == 2.0
+        })
+        .await;
+    }
+    let source = |agg: &Aggregator, source: &str| {
+        let name = format!("outpost_delivery_batches_total{{source=\"{source}\"}}");
+        let url = agg.url.clone();
+        async move {
+            let text = reqwest::get(format!("{url}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str())?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    assert_eq!(
+        (
+            source(&memory, "handoff").await,
+            source(&memory, "spool").await
+        ),
+        (2.0, 0.0)
+    );
+    assert_eq!(
+        (
+            source(&again, "handoff").await,
+            source(&again, "spool").await
+        ),
+        (0.0, 2.0)
+    );
+    assert_eq!(
+        memory.metric("outpost_handoff_bytes").await,
+        0.0,
+        "released once delivered"
+    );
+
+    let rows = |client: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT jsonb_agg(jsonb_build_array(event_id, ts, received_at, kind, name, message, level, \
+                 user_id, anonymous_id, session_id, properties, context, app_version, platform, trace_id, \
+                 span_id, seq, priority, host(client_ip), user_agent, pop, country, region, city, latitude, \
+                 longitude, time_zone, asn, as_org, edge_id) ORDER BY event_id)::text \
+                 FROM events WHERE client_id = $1",
+            )
+            .bind(client)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let handed_off = rows("handoff-path").await;
+    assert_eq!(handed_off, rows("spool-path").await);
+    let level: Option<String> = sqlx::query_scalar(
+        "SELECT level FROM events WHERE client_id = 'handoff-path' AND event_id = $1",
+    )
+    .bind(&sent[4].event_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(level.as_deref(), Some("info"));
+}
+
 #[tokio::test]
 async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());

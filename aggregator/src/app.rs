@@ -85,6 +85,7 @@ pub async fn serve_until(
         &config.spool.path,
         config.spool.max_bytes,
         config.spool.max_frames_per_commit,
+        config.delivery.handoff_max_bytes,
         sinks,
         metrics.clone(),
     )

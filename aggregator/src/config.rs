@@ -105,6 +105,9 @@ pub struct DeliveryConfig {
     pub backoff_max_ms: u64,
     /// Most spooled batches a sink takes in one write.
     pub max_batches_per_write: u32,
+    /// Bytes (estimated) of batches ingest decoded that are kept in memory
+    /// until every sink has them; beyond it sinks decode from the spool.
+    pub handoff_max_bytes: u64,
     /// Concurrent writers per sink (each takes its own share of the backlog).
     pub workers_per_sink: u32,
     /// Tries of a write that a reachable sink refuses as a whole before it
@@ -119,6 +122,7 @@ impl Default for DeliveryConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 30_000,
             max_batches_per_write: 32,
+            handoff_max_bytes: 64 * 1024 * 1024,
             workers_per_sink: 2,
             max_attempts: 10,
         }

@@ -1,6 +1,8 @@
-//! Delivery: one worker per sink takes due batches from the spool, decodes
-//! them, re-applies validation, claims their event ids with dedup, writes
-//! the rows, and advances that sink's cursor.
+//! Delivery: one worker per sink takes due batches from the spool — as
+//! ingest decoded and validated them when the hand-off still holds them,
+//! else decoding the frame and re-applying validation — claims their event
+//! ids with dedup (once per handed-off batch, for all sinks), writes the
+//! rows, and advances that sink's cursor.
 //!
 //! A sink that is unavailable is retried with exponential backoff and full
 //! jitter, without blaming any batch (nothing is dead-lettered because a
@@ -15,16 +17,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_shared::frame::{self, Frame, FrameLimits};
+use outpost_shared::frame::{self, FrameError, FrameLimits};
 use outpost_shared::validate::{Limits, validate_event};
 use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
 use crate::dedup::Dedup;
 use crate::geoip::{Geo, GeoIp};
+use crate::handoff::Checked;
 use crate::sinks::{Row, Sink, SinkError};
 use crate::spool::{DeadLetter, Pending, Spool};
-use crate::telemetry::{Metrics, SinkLabel};
+use crate::telemetry::{Metrics, SinkLabel, SourceLabel};
 
 /// What every worker shares.
 pub struct DeliveryContext {
@@ -188,9 +191,24 @@ async fn write_row_by_row<S: Sink>(
 
 struct Decoded {
     seq: i64,
-    frame: Frame,
+    checked: Arc<Checked>,
+    /// Valid and not a duplicate.
     keep: Vec<bool>,
     geo: Option<Arc<Geo>>,
+}
+
+/// Decodes a spooled frame and validates its events as ingest did (the
+/// same limits, the same arrival time): what the hand-off would have held.
+fn check(bytes: &[u8], ctx: &DeliveryContext) -> Result<Checked, FrameError> {
+    let mut frame = frame::decode_verified(bytes, &ctx.frame_limits)?;
+    let received_at = frame.batch.facts.received_at;
+    let valid = frame
+        .batch
+        .events
+        .iter_mut()
+        .map(|e| validate_event(e, &ctx.limits, received_at).is_ok())
+        .collect();
+    Ok(Checked::new(frame, valid))
 }
 
 /// The spool failing is not the data's fault: retried like an outage.
@@ -210,84 +228,100 @@ async fn deliver<S: Sink>(
     let mut decoded = Vec::with_capacity(due.len());
     let mut done = Vec::with_capacity(due.len());
     for p in due {
-        match frame::decode_verified(&p.frame, &ctx.frame_limits) {
-            Ok(mut frame) => {
-                let received_at = frame.batch.facts.received_at;
-                let mut keep: Vec<bool> = frame
-                    .batch
-                    .events
-                    .iter_mut()
-                    .map(|e| validate_event(e, &ctx.limits, received_at).is_ok())
-                    .collect();
-                // One client IP per batch: one lookup (usually cached).
-                let geo = frame
-                    .batch
-                    .facts
-                    .client_ip
-                    .as_deref()
-                    .and_then(|ip| ctx.geoip.lookup(ip));
+        let source = if p.checked.is_some() {
+            "handoff"
+        } else {
+            "spool"
+        };
+        ctx.metrics
+            .delivery_batches
+            .get_or_create(&SourceLabel { source })
+            .inc();
+        let checked = match &p.checked {
+            Some(c) => c.clone(),
+            None => match check(&p.frame, ctx) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    // It decoded when it was accepted; failing now means the
+                    // spool file was damaged. Keep the bytes for an operator.
+                    tracing::error!(sink = name, seq = p.seq, error = %e, "spooled frame no longer decodes; dead-lettered");
+                    let error = format!("frame does not decode: {e}");
+                    let letter = DeadLetter {
+                        sink: name,
+                        batch_id: &[0; 16],
+                        client_id: "",
+                        event_id: None,
+                        error: &error,
+                        payload: &p.frame,
+                        at_ms: now,
+                    };
+                    ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;
+                    ctx.metrics
+                        .sink_dead_letters
+                        .get_or_create(&SinkLabel { sink: name })
+                        .inc();
+                    done.push(p.seq);
+                    continue;
+                }
+            },
+        };
+        let frame = &checked.frame;
+        // One client IP per batch: one lookup (usually cached).
+        let geo = frame
+            .batch
+            .facts
+            .client_ip
+            .as_deref()
+            .and_then(|ip| ctx.geoip.lookup(ip));
+        let fresh = checked
+            .claims
+            .get_or_init(|| {
                 let ids: Vec<&str> = frame
                     .batch
                     .events
                     .iter()
                     .map(|e| e.event_id.as_str())
                     .collect();
-                let fresh = ctx
-                    .dedup
-                    .claim(
-                        &frame.batch.client_id,
-                        &ids,
-                        &frame.header.batch_id,
-                        now,
-                        &ctx.metrics,
-                    )
-                    .await;
-                for (k, f) in keep.iter_mut().zip(fresh) {
-                    *k &= f;
+                async move {
+                    ctx.dedup
+                        .claim(
+                            &frame.batch.client_id,
+                            &ids,
+                            &frame.header.batch_id,
+                            now,
+                            &ctx.metrics,
+                        )
+                        .await
                 }
-                decoded.push(Decoded {
-                    seq: p.seq,
-                    frame,
-                    keep,
-                    geo,
-                });
-            }
-            Err(e) => {
-                // It decoded when it was accepted; failing now means the
-                // spool file was damaged. Keep the bytes for an operator.
-                tracing::error!(sink = name, seq = p.seq, error = %e, "spooled frame no longer decodes; dead-lettered");
-                let error = format!("frame does not decode: {e}");
-                let letter = DeadLetter {
-                    sink: name,
-                    batch_id: &[0; 16],
-                    client_id: "",
-                    event_id: None,
-                    error: &error,
-                    payload: &p.frame,
-                    at_ms: now,
-                };
-                ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;
-                ctx.metrics
-                    .sink_dead_letters
-                    .get_or_create(&SinkLabel { sink: name })
-                    .inc();
-                done.push(p.seq);
-            }
-        }
+            })
+            .await;
+        let keep = checked
+            .valid
+            .iter()
+            .zip(fresh)
+            .map(|(v, f)| *v && *f)
+            .collect();
+        decoded.push(Decoded {
+            seq: p.seq,
+            checked,
+            keep,
+            geo,
+        });
     }
 
     let rows: Vec<Row<'_>> = decoded
         .iter()
         .flat_map(|d| {
-            let b = &d.frame.batch;
+            let frame = &d.checked.frame;
+            let b = &frame.batch;
             b.events
                 .iter()
                 .zip(&d.keep)
                 .filter(|(_, k)| **k)
                 .map(move |(event, _)| Row {
                     client_id: &b.client_id,
-                    batch_id: &d.frame.header.batch_id,
-                    edge_id: &d.frame.header.edge_id,
+                    batch_id: &frame.header.batch_id,
+                    edge_id: &frame.header.edge_id,
                     facts: &b.facts,
                     event,
                     geo: d.geo.as_deref(),

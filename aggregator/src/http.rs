@@ -22,6 +22,7 @@ use crate::clients::{ClientStore, verify_edge_request};
 use crate::db::Db;
 use crate::dedup::Dedup;
 use crate::delivery::now_ms;
+use crate::handoff::Checked;
 use crate::sinks::Sink as _;
 use crate::sinks::influxdb::InfluxSink;
 use crate::spool::{Spool, SpoolEntry, SpoolError};
@@ -226,29 +227,35 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
 
     let received_at = decoded.batch.facts.received_at;
     let mut rejected: Vec<FieldError> = Vec::new();
-    let mut accepted = 0usize;
+    let mut valid = Vec::with_capacity(decoded.batch.events.len());
     let mut high = false;
     for (index, event) in decoded.batch.events.iter_mut().enumerate() {
         match validate_event(event, &app.limits, received_at) {
             Ok(()) => {
-                accepted += 1;
+                valid.push(true);
                 high |= event.priority == outpost_shared::event::Priority::High;
             }
             Err(mut e) => {
+                valid.push(false);
                 e.index = Some(index);
                 e.event_id = Some(event.event_id.clone());
                 rejected.push(e);
             }
         }
     }
+    let accepted = valid.len() - rejected.len();
+    let batch_id = decoded.header.batch_id;
     if accepted > 0 {
         let entry = SpoolEntry {
-            batch_id: decoded.header.batch_id.0,
+            batch_id: batch_id.0,
             client_id: decoded.batch.client_id.clone(),
             priority: i64::from(high),
             event_count: i64::from(decoded.header.event_count),
             frame: bytes.to_vec(),
             received_at_ms: now_ms(),
+            // The sinks take the batch as validated here, not decoding the
+            // frame again (see `handoff`).
+            checked: Some(Arc::new(Checked::new(decoded, valid))),
         };
         app.spool.append(entry).await.map_err(|e| match e {
             SpoolError::Full => (
@@ -266,7 +273,7 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
     app.metrics
         .ingest_rejected_events
         .inc_by(rejected.len() as u64);
-    tracing::debug!(request_id = %id, batch_id = %decoded.header.batch_id, client_id = %decoded.batch.client_id, accepted, rejected = rejected.len(), "frame spooled");
+    tracing::debug!(request_id = %id, %batch_id, accepted, rejected = rejected.len(), "frame spooled");
     let body = AcceptedResponse {
         success: true,
         accepted,

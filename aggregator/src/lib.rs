@@ -1,8 +1,8 @@
 //! The Outpost aggregator: verified frames in, durable spool, dedup, sinks.
 //!
 //! Data flows one way: `http` (verify, decode, validate) → `spool` (ack
-//! after fsync) → `delivery` (one worker per sink: decode, dedup, write) →
-//! `sinks`. `app` wires them from `config`; `telemetry` names every metric.
+//! after fsync; `handoff` keeps the decoded batch in memory) → `delivery`
+//! (one worker per sink: decode unless handed off, dedup, write) → `sinks`. `app` wires them from `config`; `telemetry` names every metric.
 
 pub mod app;
 pub mod bench;
@@ -16,6 +16,7 @@ pub mod dev_cmd;
 pub mod edge_cmd;
 pub mod geoip;
 pub mod geoip_download;
+pub mod handoff;
 pub mod http;
 pub mod http_client;
 pub mod openapi;

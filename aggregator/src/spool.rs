@@ -16,6 +16,9 @@
 //! Each sink has its own rows in `pending` — its cursor — so a slow or dead
 //! sink never holds back another. A spooled batch is deleted when its last
 //! pending row is. High-priority batches are handed out first.
+//!
+//! Next to the file, the spool keeps what ingest decoded of recent frames
+//! in memory ([`Handoff`]), so the sinks need not decode them again.
 
 use std::path::Path;
 use std::str::FromStr as _;
@@ -29,6 +32,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection as _, Row as _, SqliteConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::handoff::{Checked, Handoff};
 use crate::telemetry::Metrics;
 
 /// One acknowledged frame, as stored.
@@ -46,6 +50,8 @@ pub struct SpoolEntry {
     pub frame: Vec<u8>,
     /// When the aggregator accepted it.
     pub received_at_ms: i64,
+    /// What ingest decoded of it, for the hand-off.
+    pub checked: Option<Arc<Checked>>,
 }
 
 /// A batch a sink has yet to write.
@@ -57,6 +63,8 @@ pub struct Pending {
     pub frame: Vec<u8>,
     /// When the aggregator accepted it.
     pub received_at_ms: i64,
+    /// The frame already decoded and validated, when the hand-off has it.
+    pub checked: Option<Arc<Checked>>,
 }
 
 /// One dead letter: an event (or a whole frame) a sink could not write.
@@ -102,6 +110,7 @@ pub struct Spool {
     bytes: Arc<AtomicU64>,
     max_bytes: u64,
     appended: Arc<Notify>,
+    handoff: Arc<Handoff>,
     metrics: Metrics,
 }
 
@@ -193,11 +202,13 @@ fn options(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
 
 impl Spool {
     /// Opens (or creates) the spool and starts its writer. `sinks` names
-    /// every sink a new batch must reach.
+    /// every sink a new batch must reach; `handoff_max_bytes` bounds the
+    /// decoded batches kept in memory for them.
     pub async fn open(
         path: &Path,
         max_bytes: u64,
         max_frames_per_commit: usize,
+        handoff_max_bytes: u64,
         sinks: Vec<&'static str>,
         metrics: Metrics,
     ) -> anyhow::Result<Spool> {
@@ -228,6 +239,7 @@ impl Spool {
             bytes: Arc::new(AtomicU64::new(bytes as u64)),
             max_bytes,
             appended: Arc::new(Notify::new()),
+            handoff: Arc::new(Handoff::new(handoff_max_bytes, sinks.len())),
             metrics,
         };
         tokio::spawn(write_loop(
@@ -299,10 +311,14 @@ impl Spool {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| Pending {
-                seq: r.get(0),
-                frame: r.get(1),
-                received_at_ms: r.get(2),
+            .map(|r| {
+                let seq = r.get(0);
+                Pending {
+                    seq,
+                    frame: r.get(1),
+                    received_at_ms: r.get(2),
+                    checked: self.handoff.get(seq),
+                }
             })
             .collect())
     }
@@ -329,6 +345,8 @@ impl Spool {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.handoff.release(seqs);
+        self.metrics.handoff_bytes.set(self.handoff.bytes());
         let bytes: i64 = freed.iter().map(|r| r.get::<i64, _>(0)).sum();
         self.bytes.fetch_sub(bytes as u64, Ordering::SeqCst);
         self.metrics
@@ -382,9 +400,10 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let result = commit_group(&mut conn, &group, &sinks)
+        let result = commit_group(&mut conn, &group, &sinks, &spool.handoff)
             .await
             .map_err(|e| e.to_string());
+        spool.metrics.handoff_bytes.set(spool.handoff.bytes());
         if let Err(e) = &result {
             tracing::error!(error = %e, frames = group.len(), "spool commit failed; frames not acknowledged");
         }
@@ -395,10 +414,29 @@ async fn write_loop(
     }
 }
 
+/// Commits `group` in one transaction. Each batch goes into the hand-off
+/// before the commit makes it visible to the sinks (so none can miss it),
+/// and out again when the commit fails (its sequence number will be reused).
 async fn commit_group(
     conn: &mut SqliteConnection,
     group: &[Append],
     sinks: &[&'static str],
+    handoff: &Handoff,
+) -> Result<(), sqlx::Error> {
+    let mut handed = Vec::new();
+    let result = insert_group(conn, group, sinks, handoff, &mut handed).await;
+    if result.is_err() {
+        handoff.forget(&handed);
+    }
+    result
+}
+
+async fn insert_group(
+    conn: &mut SqliteConnection,
+    group: &[Append],
+    sinks: &[&'static str],
+    handoff: &Handoff,
+    handed: &mut Vec<i64>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     for a in group {
@@ -424,6 +462,11 @@ async fn commit_group(
                 .bind(e.priority)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if let Some(c) = &e.checked
+            && handoff.put(seq, c.clone())
+        {
+            handed.push(seq);
         }
     }
     tx.commit().await

@@ -33,6 +33,13 @@ pub struct GeoLabel {
     pub result: &'static str,
 }
 
+/// Label: where a sink got a decoded batch from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// `handoff` (decoded at ingest, in memory) or `spool` (decoded again).
+    pub source: &'static str,
+}
+
 /// Every metric. Cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -58,6 +65,10 @@ pub struct Metrics {
     pub sink_dead_letters: Family<SinkLabel, Counter>,
     /// Age of the oldest batch a sink has yet to write, seconds.
     pub sink_lag_seconds: Family<SinkLabel, Gauge>,
+    /// Batches the sinks took, by where the decoded batch came from.
+    pub delivery_batches: Family<SourceLabel, Counter>,
+    /// Bytes (estimated) of decoded batches kept in memory for the sinks.
+    pub handoff_bytes: Gauge<u64, AtomicU64>,
     /// Events dropped as duplicates.
     pub dedup_duplicates: Counter,
     /// Dedup lookups that failed (Redis down): those events went through.
@@ -86,6 +97,8 @@ impl Metrics {
             sink_failures: Family::default(),
             sink_dead_letters: Family::default(),
             sink_lag_seconds: Family::default(),
+            delivery_batches: Family::default(),
+            handoff_bytes: Gauge::default(),
             dedup_duplicates: Counter::default(),
             dedup_errors: Counter::default(),
             geoip_lookups: Family::default(),
@@ -150,6 +163,17 @@ impl Metrics {
             "Age of the oldest batch a sink has yet to write",
             prometheus_client::registry::Unit::Seconds,
             m.sink_lag_seconds.clone(),
+        );
+        r.register(
+            "delivery_batches",
+            "Batches taken by the sinks, by where they were decoded",
+            m.delivery_batches.clone(),
+        );
+        r.register_with_unit(
+            "handoff",
+            "Decoded batches kept in memory for the sinks (estimate)",
+            prometheus_client::registry::Unit::Bytes,
+            m.handoff_bytes.clone(),
         );
         r.register(
             "dedup_duplicates",
