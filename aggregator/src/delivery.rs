@@ -26,7 +26,7 @@ use crate::dedup::Dedup;
 use crate::geoip::{Geo, GeoIp};
 use crate::handoff::Checked;
 use crate::sinks::{Row, Sink, SinkError};
-use crate::spool::{DeadLetter, Pending, Spool};
+use crate::spool::{DeadLetter, Pending, Spool, Spooled};
 use crate::telemetry::{Metrics, SinkLabel, SourceLabel};
 
 /// What every worker shares.
@@ -228,18 +228,17 @@ async fn deliver<S: Sink>(
     let mut decoded = Vec::with_capacity(due.len());
     let mut done = Vec::with_capacity(due.len());
     for p in due {
-        let source = if p.checked.is_some() {
-            "handoff"
-        } else {
-            "spool"
+        let source = match p.batch {
+            Spooled::Checked(_) => "handoff",
+            Spooled::Frame(_) => "spool",
         };
         ctx.metrics
             .delivery_batches
             .get_or_create(&SourceLabel { source })
             .inc();
-        let checked = match &p.checked {
-            Some(c) => c.clone(),
-            None => match check(&p.frame, ctx) {
+        let checked = match &p.batch {
+            Spooled::Checked(c) => c.clone(),
+            Spooled::Frame(bytes) => match check(bytes, ctx) {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
                     // It decoded when it was accepted; failing now means the
@@ -252,7 +251,7 @@ async fn deliver<S: Sink>(
                         client_id: "",
                         event_id: None,
                         error: &error,
-                        payload: &p.frame,
+                        payload: bytes,
                         at_ms: now,
                     };
                     ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;

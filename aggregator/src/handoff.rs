@@ -82,9 +82,14 @@ impl Handoff {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether it holds anything at all (a bound above 0, a sink to hold for).
+    pub fn enabled(&self) -> bool {
+        self.max_bytes > 0 && self.sinks > 0
+    }
+
     /// Keeps `batch` for the sinks, unless that would pass the bound.
     pub fn put(&self, seq: i64, batch: Arc<Checked>) -> bool {
-        if self.sinks == 0 {
+        if !self.enabled() {
             return false;
         }
         let mut s = self.slots();

@@ -255,7 +255,10 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
             received_at_ms: now_ms(),
             // The sinks take the batch as validated here, not decoding the
             // frame again (see `handoff`).
-            checked: Some(Arc::new(Checked::new(decoded, valid))),
+            checked: app
+                .spool
+                .wants_checked()
+                .then(|| Arc::new(Checked::new(decoded, valid))),
         };
         app.spool.append(entry).await.map_err(|e| match e {
             SpoolError::Full => (

@@ -59,12 +59,20 @@ pub struct SpoolEntry {
 pub struct Pending {
     /// Spool sequence number.
     pub seq: i64,
-    /// The frame.
-    pub frame: Vec<u8>,
     /// When the aggregator accepted it.
     pub received_at_ms: i64,
-    /// The frame already decoded and validated, when the hand-off has it.
-    pub checked: Option<Arc<Checked>>,
+    /// The batch.
+    pub batch: Spooled,
+}
+
+/// How a sink gets a spooled batch.
+#[derive(Debug, Clone)]
+pub enum Spooled {
+    /// Decoded and validated at ingest, from the hand-off (the frame is
+    /// not even read from the file).
+    Checked(Arc<Checked>),
+    /// The frame as received, to decode.
+    Frame(Vec<u8>),
 }
 
 /// One dead letter: an event (or a whole frame) a sink could not write.
@@ -284,6 +292,11 @@ impl Spool {
         }
     }
 
+    /// Whether appends should carry their decoded batch (the hand-off is on).
+    pub fn wants_checked(&self) -> bool {
+        self.handoff.enabled()
+    }
+
     /// Waits until something is appended (or a short while has passed).
     pub async fn wait_for_work(&self, max_wait: Duration) {
         let _ = tokio::time::timeout(max_wait, self.appended.notified()).await;
@@ -300,7 +313,7 @@ impl Spool {
         parts: u32,
     ) -> Result<Vec<Pending>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT p.seq, s.frame, s.received_at_ms FROM pending p JOIN spool s ON s.seq = p.seq \
+            "SELECT p.seq, s.received_at_ms FROM pending p JOIN spool s ON s.seq = p.seq \
              WHERE p.sink = ? AND p.seq % ? = ? ORDER BY p.priority DESC, p.seq LIMIT ?",
         )
         .bind(sink)
@@ -309,18 +322,44 @@ impl Spool {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let seq = r.get(0);
-                Pending {
-                    seq,
-                    frame: r.get(1),
-                    received_at_ms: r.get(2),
-                    checked: self.handoff.get(seq),
+        let mut due = Vec::with_capacity(rows.len());
+        let mut unheld = Vec::new();
+        for r in rows {
+            let seq: i64 = r.get(0);
+            let batch = match self.handoff.get(seq) {
+                Some(c) => Spooled::Checked(c),
+                None => {
+                    unheld.push(seq);
+                    Spooled::Frame(Vec::new())
                 }
-            })
-            .collect())
+            };
+            due.push(Pending {
+                seq,
+                received_at_ms: r.get(1),
+                batch,
+            });
+        }
+        if unheld.is_empty() {
+            return Ok(due);
+        }
+        // Only the frames the hand-off does not hold are read.
+        let list = serde_json::to_string(&unheld).unwrap_or_else(|_| "[]".into());
+        let mut frames: std::collections::HashMap<i64, Vec<u8>> = sqlx::query(
+            "SELECT seq, frame FROM spool WHERE seq IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&list)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+        // A batch pending for this sink stays in the spool, so every frame
+        // is there; one that is not is left for the next round.
+        due.retain_mut(|p| match &mut p.batch {
+            Spooled::Checked(_) => true,
+            Spooled::Frame(f) => frames.remove(&p.seq).map(|bytes| *f = bytes).is_some(),
+        });
+        Ok(due)
     }
 
     /// Records that `sink` has the batches `seqs`; drops batches every sink has.
