@@ -107,6 +107,8 @@ pub struct DeliveryConfig {
     pub max_batches_per_write: u32,
     /// Bytes (estimated) of batches ingest decoded that are kept in memory
     /// until every sink has them; beyond it sinks decode from the spool.
+    /// Filled only while the sinks lag behind ingest; at 1 KiB or so per
+    /// typical event, the default holds a burst of about 120,000 events.
     pub handoff_max_bytes: u64,
     /// Concurrent writers per sink (each takes its own share of the backlog).
     pub workers_per_sink: u32,
@@ -122,7 +124,7 @@ impl Default for DeliveryConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 30_000,
             max_batches_per_write: 32,
-            handoff_max_bytes: 64 * 1024 * 1024,
+            handoff_max_bytes: 128 * 1024 * 1024,
             workers_per_sink: 2,
             max_attempts: 10,
         }
