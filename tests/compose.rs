@@ -406,6 +406,9 @@ async fn the_ingestion_dashboard_queries_only_metrics_the_aggregator_exports() {
         "outpost_sink_failures_total",
         "outpost_ingest_request_duration_seconds_bucket",
         "outpost_geoip_cache_hits_total",
+        // And what tells an operator whether the hand-off bound fits.
+        "outpost_delivery_batches_total",
+        "outpost_handoff_bytes",
     ] {
         assert!(queried.contains(needed), "{needed} is not on the dashboard");
     }
