@@ -62,6 +62,25 @@ async fn acknowledged_frames_become_rows_with_every_field() {
     );
 }
 
+/// The columns a write stores from a frame (not `client_id`, `batch_id`,
+/// `received_at`), compared between paths.
+const STORED: &str = "event_id, ts, kind, name, message, level, user_id, anonymous_id, \
+    session_id, properties, context, app_version, platform, trace_id, span_id, seq, priority, \
+    host(client_ip), user_agent, pop, country, region, city, latitude, longitude, time_zone, asn, \
+    as_org, edge_id";
+
+/// A client's stored rows, `columns` of each, as one JSON text in event id order.
+async fn stored_rows(db: &TestDb, client: &str, columns: &str) -> String {
+    sqlx::query_scalar(&format!(
+        "SELECT jsonb_agg(jsonb_build_array({columns}) ORDER BY event_id)::text \
+         FROM events WHERE client_id = $1"
+    ))
+    .bind(client)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
 /// Events whose text `COPY` must escape (tab, newline, carriage return,
 /// backslash, `\N`, `\.`), with non-ASCII text, over four minutes, with
 /// levels, priorities and a missing platform.
@@ -145,23 +164,10 @@ async fn copy_and_its_insert_fallback_store_and_count_the_same_values() {
     }
 
     // Both paths store the same values, column by column.
-    let rows = |client: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT jsonb_agg(jsonb_build_array(event_id, ts, kind, name, message, level, user_id, \
-                 anonymous_id, session_id, properties, context, app_version, platform, trace_id, span_id, \
-                 seq, priority, host(client_ip), user_agent, pop, country, region, city, latitude, \
-                 longitude, time_zone, asn, as_org, edge_id) ORDER BY event_id)::text \
-                 FROM events WHERE client_id = $1",
-            )
-            .bind(client)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
-    assert_eq!(rows("copy-path").await, rows("insert-path").await);
+    assert_eq!(
+        stored_rows(&db, "copy-path", STORED).await,
+        stored_rows(&db, "insert-path", STORED).await
+    );
 
     // Both keep the rollups exact: what the events recount to, the repeated
     // event counted once.
@@ -270,33 +276,15 @@ handoff_max_bytes = 0
         })
         .await;
     }
-    let source = |agg: &Aggregator, source: &str| {
-        let name = format!("outpost_delivery_batches_total{{source=\"{source}\"}}");
-        let url = agg.url.clone();
-        async move {
-            let text = reqwest::get(format!("{url}/metrics"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            text.lines()
-                .find_map(|l| l.strip_prefix(name.as_str())?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        }
-    };
+    // `metric` takes one labelled series as well as a name.
+    const HANDOFF: &str = r#"outpost_delivery_batches_total{source="handoff"}"#;
+    const SPOOL: &str = r#"outpost_delivery_batches_total{source="spool"}"#;
     assert_eq!(
-        (
-            source(&memory, "handoff").await,
-            source(&memory, "spool").await
-        ),
+        (memory.metric(HANDOFF).await, memory.metric(SPOOL).await),
         (2.0, 0.0)
     );
     assert_eq!(
-        (
-            source(&again, "handoff").await,
-            source(&again, "spool").await
-        ),
+        (again.metric(HANDOFF).await, again.metric(SPOOL).await),
         (0.0, 2.0)
     );
     assert_eq!(
@@ -305,24 +293,12 @@ handoff_max_bytes = 0
         "released once delivered"
     );
 
-    let rows = |client: &'static str| {
-        let pool = db.pool.clone();
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT jsonb_agg(jsonb_build_array(event_id, ts, received_at, kind, name, message, level, \
-                 user_id, anonymous_id, session_id, properties, context, app_version, platform, trace_id, \
-                 span_id, seq, priority, host(client_ip), user_agent, pop, country, region, city, latitude, \
-                 longitude, time_zone, asn, as_org, edge_id) ORDER BY event_id)::text \
-                 FROM events WHERE client_id = $1",
-            )
-            .bind(client)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
-    let handed_off = rows("handoff-path").await;
-    assert_eq!(handed_off, rows("spool-path").await);
+    // Both frames arrived at the same instant: `received_at` compares too.
+    let columns = format!("received_at, {STORED}");
+    assert_eq!(
+        stored_rows(&db, "handoff-path", &columns).await,
+        stored_rows(&db, "spool-path", &columns).await
+    );
     let level: Option<String> = sqlx::query_scalar(
         "SELECT level FROM events WHERE client_id = 'handoff-path' AND event_id = $1",
     )

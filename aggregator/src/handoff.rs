@@ -153,7 +153,6 @@ impl Handoff {
 /// allocator's count.
 pub fn approx_bytes(frame: &Frame) -> u64 {
     let b = &frame.batch;
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     let facts = [
         &b.facts.client_ip,
         &b.facts.user_agent,
@@ -171,8 +170,11 @@ pub fn approx_bytes(frame: &Frame) -> u64 {
 /// Per map entry, beyond the key and the value: B-tree node slack.
 const ENTRY_OVERHEAD: usize = 32;
 
+fn text(s: &Option<String>) -> usize {
+    s.as_ref().map_or(0, String::len)
+}
+
 fn event_bytes(e: &Event) -> usize {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     let strings = e.event_id.len()
         + [
             &e.name,
