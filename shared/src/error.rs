@@ -79,6 +79,14 @@ error_codes! {
     InvalidCursor = 40015, "invalid_cursor", "the cursor is invalid";
     /// The body's compression could not be decoded.
     InvalidContentEncoding = 40016, "invalid_content_encoding", "the body could not be decompressed";
+    /// A property key, an event name or a context value holds a control
+    /// character (U+0000–U+001F, U+007F): these become field keys and tags
+    /// downstream, where a line break would split a record.
+    InvalidCharacter = 40017, "invalid_character", "a property key, name or context value contains a control character";
+    /// Every event of the batch was rejected; `errors` says why for each.
+    BatchRejected = 40018, "batch_rejected", "no event of the batch was accepted; see errors";
+    /// A read-API query that reads rows spans more time than allowed.
+    QueryRangeTooLarge = 40019, "query_range_too_large", "the query spans more time than allowed for it; narrow from/to";
     /// An edge frame is truncated or its layout is wrong.
     MalformedFrame = 40020, "malformed_frame", "the edge frame is malformed";
     /// An edge frame of a version this reader does not speak.

@@ -216,6 +216,27 @@ impl Context {
     }
 }
 
+/// Deserializes `T` from a JSON object only. serde's derive also takes an
+/// array of the fields in order (`["web", "4.2.0"]`), which the schema
+/// does not allow: a client sending one has made a mistake worth naming.
+fn object_only<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(core::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_map(ObjectVisitor(core::marker::PhantomData))
+}
+
 /// One analytics event or log line, as the client sends it.
 ///
 /// ```json
@@ -259,7 +280,11 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub properties: Map<String, Value>,
     /// The app and device.
-    #[serde(default, skip_serializing_if = "Context::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Context::is_empty",
+        deserialize_with = "object_only"
+    )]
     pub context: Context,
     /// W3C trace id: 32 lower-case hex digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,7 +10,8 @@
 //! * [`auth`]: HMAC request signatures, JWTs, API keys, permissions;
 //! * [`ratelimit`]: GCRA over the [`kv::Kv`] seam;
 //! * [`frame`]: the signed edge → aggregator batch codec;
-//! * [`client`]: client records, the unit of authentication and limits.
+//! * [`client`]: client records, the unit of authentication and limits;
+//! * [`seal`]: client records sealed under keys derived from the edge key.
 //!
 //! Time is always an argument (milliseconds or seconds since the epoch),
 //! never read from a clock here: every rule is deterministic under test.
@@ -26,6 +27,7 @@ pub mod frame;
 pub mod kv;
 pub mod ratelimit;
 pub mod sample;
+pub mod seal;
 pub mod validate;
 
 pub use error::{ErrorCode, ErrorEnvelope, FieldError};

@@ -140,6 +140,7 @@ pub fn parse_batch(
             format!("the body is larger than {} bytes", limits.max_body_bytes),
         ));
     }
+    check_request_shape(body, "the body must be a JSON object: {\"batch\": [...]}")?;
     let raw: RawBatch<'_> = serde_json::from_slice(body).map_err(|e| request_error(&e))?;
     let array = raw.batch.ok_or_else(|| {
         FieldError::new(ErrorCode::MissingField, Some("batch"), "batch is required")
@@ -215,6 +216,7 @@ pub fn parse_event(
 ) -> Result<Event, FieldError> {
     let text = core::str::from_utf8(body)
         .map_err(|_| FieldError::new(ErrorCode::MalformedJson, None, "the body is not UTF-8"))?;
+    check_request_shape(body, "the body must be one event, a JSON object")?;
     // A lone event must still be a JSON value before per-field rules apply.
     serde_json::from_str::<&RawValue>(text).map_err(|e| request_error(&e))?;
     parse_event_raw(text, limits, received_at).map_err(|e| {
@@ -235,6 +237,20 @@ fn parse_event_raw(
             format!("the event is larger than {} bytes", limits.max_event_bytes),
         ));
     }
+    if first_byte(json.as_bytes()) != Some(b'{') {
+        return Err(FieldError::new(
+            ErrorCode::MalformedJson,
+            None,
+            "an event must be a JSON object",
+        ));
+    }
+    // An event is an object holding `properties` (one level), so its own
+    // depth is one more than the properties'. Checked before parsing, so
+    // that nesting anywhere in it, however deep, gets the depth code.
+    let max_depth = limits.max_property_depth.saturating_add(1);
+    if nesting_depth(json.as_bytes(), max_depth) > max_depth {
+        return Err(too_deep(limits));
+    }
     let mut de = serde_json::Deserializer::from_str(json);
     let mut event: Event =
         serde_path_to_error::deserialize(&mut de).map_err(|e| field_error(&e))?;
@@ -250,6 +266,100 @@ fn peek_event_id(json: &str) -> Option<String> {
     let id = serde_json::from_str::<IdOnly>(json).ok()?.event_id?;
     // Echo the id back only when it is a short string: the error list must stay small.
     id.as_str().filter(|s| s.len() <= 128).map(str::to_owned)
+}
+
+/// Nesting past this depth is refused before the body is parsed at all:
+/// serde_json stops at 128 levels, and no valid request comes near it (an
+/// event is at most `max_property_depth` + 3 deep inside a batch).
+const MAX_REQUEST_DEPTH: usize = 100;
+
+/// The whole-body checks every parse starts with: the body is a JSON
+/// object (serde would also take an array of the fields in order) and is
+/// not nested past [`MAX_REQUEST_DEPTH`].
+fn check_request_shape(body: &[u8], not_object: &str) -> Result<(), FieldError> {
+    if nesting_depth(body, MAX_REQUEST_DEPTH) > MAX_REQUEST_DEPTH {
+        return Err(FieldError::new(
+            ErrorCode::PropertiesTooDeep,
+            None,
+            format!("the body nests deeper than {MAX_REQUEST_DEPTH} levels"),
+        ));
+    }
+    match first_byte(body) {
+        Some(b'{') => Ok(()),
+        // Not JSON at all: let the parser say what is wrong.
+        None | Some(b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n' | b'[') => {
+            Err(FieldError::new(ErrorCode::MalformedJson, None, not_object))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The first byte that is not JSON whitespace.
+fn first_byte(json: &[u8]) -> Option<u8> {
+    json.iter()
+        .copied()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// The deepest nesting of arrays and objects in `json`, skipping strings;
+/// stops counting once it passes `cap`. Malformed JSON gets some number;
+/// the parser reports what is wrong with it.
+pub fn nesting_depth(json: &[u8], cap: usize) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    max = depth;
+                    if max > cap {
+                        return max;
+                    }
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+fn too_deep(limits: &Limits) -> FieldError {
+    FieldError::new(
+        ErrorCode::PropertiesTooDeep,
+        Some("properties"),
+        format!(
+            "properties nest deeper than {} levels",
+            limits.max_property_depth
+        ),
+    )
+}
+
+/// U+0000–U+001F and U+007F: never meaningful in a key, a name or a
+/// context value, and a line break there would split a line of InfluxDB's
+/// line protocol downstream.
+fn has_control(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == 0x7f)
+}
+
+fn control_error(field: &str, what: &str) -> FieldError {
+    FieldError::new(
+        ErrorCode::InvalidCharacter,
+        Some(field),
+        format!("{what} must not contain control characters (U+0000-U+001F, U+007F)"),
+    )
 }
 
 /// An error about the whole request body.
@@ -325,6 +435,7 @@ pub fn validate_event(
 ) -> Result<(), FieldError> {
     let err = |code, field: &str, message: String| Err(FieldError::new(code, Some(field), message));
 
+    fill_defaults(event, received_at);
     if !is_uuid(&event.event_id) && !is_ulid(&event.event_id) {
         return err(
             ErrorCode::InvalidEventId,
@@ -350,10 +461,12 @@ pub fn validate_event(
                     "message is required for kind \"log\"".into(),
                 );
             }
-            event.level.get_or_insert(Level::Info);
         }
     }
     check_str("name", event.name.as_deref(), limits.max_name_bytes, false)?;
+    if event.name.as_deref().is_some_and(has_control) {
+        return Err(control_error("name", "name"));
+    }
     check_str(
         "message",
         event.message.as_deref(),
@@ -409,7 +522,7 @@ pub fn validate_event(
         );
     }
 
-    let ts = *event.timestamp.get_or_insert(received_at);
+    let ts = event.timestamp.unwrap_or(received_at);
     let earliest = received_at
         .millis()
         .saturating_sub(secs_to_millis(limits.max_past_secs));
@@ -434,6 +547,17 @@ pub fn validate_event(
         budget.visit(value, 1, "properties")?;
     }
     Ok(())
+}
+
+/// Fills in what an event may leave out: `timestamp` (the edge's arrival
+/// time) and, for logs, `level: info`. [`validate_event`] does this first;
+/// on its own it is for events that were accepted before and are not
+/// judged again (the aggregator's redelivery from its spool).
+pub fn fill_defaults(event: &mut Event, received_at: Timestamp) {
+    event.timestamp.get_or_insert(received_at);
+    if event.kind == Kind::Log {
+        event.level.get_or_insert(Level::Info);
+    }
 }
 
 fn secs_to_millis(secs: u64) -> i64 {
@@ -487,8 +611,8 @@ fn check_context(name: &str, value: Option<&str>, max: usize) -> Result<(), Fiel
             format!("{field} is longer than {max} bytes"),
         ));
     }
-    if v.contains('\0') {
-        return Err(nul_error(&field));
+    if has_control(v) {
+        return Err(control_error(&field, &field));
     }
     Ok(())
 }
@@ -536,24 +660,15 @@ impl PropertyBudget<'_> {
                 ),
             ));
         }
-        if key.contains('\0') {
-            return Err(nul_error(at));
+        if has_control(key) {
+            return Err(control_error(at, "a property key"));
         }
         Ok(())
     }
 
     /// `depth` is the nesting level of the container holding `value`.
     fn visit(&mut self, value: &Value, depth: usize, at: &str) -> Result<(), FieldError> {
-        let too_deep = || {
-            Err(FieldError::new(
-                ErrorCode::PropertiesTooDeep,
-                Some("properties"),
-                format!(
-                    "properties nest deeper than {} levels",
-                    self.limits.max_property_depth
-                ),
-            ))
-        };
+        let too_deep = || Err(too_deep(self.limits));
         match value {
             Value::String(s) if s.contains('\0') => Err(nul_error(at)),
             Value::Array(items) => {
@@ -752,6 +867,51 @@ mod tests {
                 "properties not object",
                 ev(json!({"properties": [1]})),
                 Some((ErrorCode::InvalidField, "properties")),
+            ),
+            (
+                "line break in a property key",
+                ev(json!({"properties": {"a\nb": 1}})),
+                Some((ErrorCode::InvalidCharacter, "properties")),
+            ),
+            (
+                "tab in a nested property key",
+                ev(json!({"properties": {"cart": [{"sku\tid": "x"}]}})),
+                Some((ErrorCode::InvalidCharacter, "properties")),
+            ),
+            (
+                "DEL in a property key",
+                ev(json!({"properties": {"a\u{7f}": 1}})),
+                Some((ErrorCode::InvalidCharacter, "properties")),
+            ),
+            (
+                "NUL in a property key",
+                ev(json!({"properties": {"a\u{0}": 1}})),
+                Some((ErrorCode::InvalidCharacter, "properties")),
+            ),
+            (
+                "line breaks in a property value are fine",
+                ev(json!({"properties": {"note": "two\nlines"}})),
+                None,
+            ),
+            (
+                "line break in the name",
+                ev(json!({"name": "check\nout"})),
+                Some((ErrorCode::InvalidCharacter, "name")),
+            ),
+            (
+                "carriage return in a context value",
+                ev(json!({"context": {"platform": "web\r"}})),
+                Some((ErrorCode::InvalidCharacter, "context.platform")),
+            ),
+            (
+                "line breaks in a log message are fine",
+                ev(json!({"kind": "log", "message": "at a\nat b", "name": null})),
+                None,
+            ),
+            (
+                "context as an array",
+                ev(json!({"context": ["4.2.0", "web"]})),
+                Some((ErrorCode::InvalidField, "context")),
             ),
             ("depth at limit", ev(json!({"properties": deep(8)})), None),
             (
@@ -954,25 +1114,82 @@ mod tests {
     }
 
     #[test]
-    fn hostile_nesting_is_rejected_without_exhausting_the_stack() {
+    fn hostile_nesting_gets_the_depth_code_at_every_depth() {
         let limits = Limits {
             max_body_bytes: 1 << 20,
             max_event_bytes: 1 << 20,
             ..Limits::default()
         };
-        for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
-            let props = format!("{}1{}", open.repeat(100_000), close.repeat(100_000));
-            let body = format!(
-                "{{\"batch\":[{{\"event_id\":\"{ID}\",\"name\":\"n\",\"properties\":{props}}}]}}"
-            );
-            match parse_batch(body.as_bytes(), &limits, NOW) {
-                Err(e) => assert_eq!(e.code, ErrorCode::MalformedJson),
-                Ok(out) => {
-                    assert!(out.accepted.is_empty());
-                    assert_eq!(out.rejected.len(), 1);
+        // Past the request bound (the whole body is refused) and below it
+        // (the event alone is), including depths serde_json cannot parse.
+        for levels in [9, 60, 97, 100, 126, 127, 200, 100_000] {
+            for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+                let props = format!("{}1{}", open.repeat(levels), close.repeat(levels));
+                let body = format!(
+                    "{{\"batch\":[{{\"event_id\":\"{ID}\",\"name\":\"n\",\"properties\":{props}}}]}}"
+                );
+                match parse_batch(body.as_bytes(), &limits, NOW) {
+                    Err(e) => assert_eq!(e.code, ErrorCode::PropertiesTooDeep, "{levels} {open}"),
+                    Ok(out) => {
+                        assert!(out.accepted.is_empty());
+                        assert_eq!(
+                            out.rejected[0].code,
+                            ErrorCode::PropertiesTooDeep,
+                            "{levels} {open}"
+                        );
+                    }
                 }
+                let one =
+                    format!("{{\"event_id\":\"{ID}\",\"name\":\"n\",\"properties\":{props}}}");
+                let e = parse_event(one.as_bytes(), &limits, NOW).unwrap_err();
+                assert_eq!(e.code, ErrorCode::PropertiesTooDeep, "{levels} {open}");
             }
         }
+        // Nesting inside strings is text, not depth.
+        let deep_text = ev(json!({"properties": {"s": "[".repeat(10_000)}}));
+        assert!(one(deep_text).is_ok());
+    }
+
+    #[test]
+    fn arrays_are_not_objects() {
+        // serde would read an array as the struct's fields in order.
+        let as_array = json!([ID, "2026-11-26T14:00:00Z", "event", "checkout"]).to_string();
+        let e = parse_event(as_array.as_bytes(), &Limits::default(), NOW).unwrap_err();
+        assert_eq!(e.code, ErrorCode::MalformedJson);
+        let nested = json!([[ev(json!({}))]]).to_string();
+        let e = parse_batch(nested.as_bytes(), &Limits::default(), NOW).unwrap_err();
+        assert_eq!(e.code, ErrorCode::MalformedJson);
+        let event_as_array = json!({"batch": [[ID, null, "event", "checkout"], ev(json!({}))]});
+        let out = parse_batch(
+            event_as_array.to_string().as_bytes(),
+            &Limits::default(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(out.accepted.len(), 1);
+        assert_eq!(out.rejected[0].code, ErrorCode::MalformedJson);
+        assert_eq!(out.rejected[0].index, Some(0));
+        let brackets = "[".repeat(100_000);
+        let e = parse_batch(brackets.as_bytes(), &Limits::default(), NOW).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PropertiesTooDeep);
+    }
+
+    #[test]
+    fn depth_counts_brackets_outside_strings_only() {
+        assert_eq!(nesting_depth(b"{}", 10), 1);
+        assert_eq!(nesting_depth(br#"{"a":[{"b":1}]}"#, 10), 3);
+        assert_eq!(nesting_depth(br#"{"a":"[[[\"[["}"#, 10), 1);
+        assert_eq!(nesting_depth(b"[[[[[[", 3), 4, "stops past the cap");
+        assert_eq!(nesting_depth(b"]]]{", 10), 1);
+    }
+
+    #[test]
+    fn defaults_are_filled_without_judging() {
+        let mut e: Event =
+            serde_json::from_value(json!({"event_id": "not-an-id", "kind": "log", "message": "m"}))
+                .unwrap();
+        fill_defaults(&mut e, NOW);
+        assert_eq!((e.timestamp, e.level), (Some(NOW), Some(Level::Info)));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Permissions: `action:resource` strings with wildcards.
 //!
-//! A grant `a:r` allows the action `A` on the resource `R` when
-//! `a` is `*`, `A`, or `admin` (admin on a resource implies every action on
-//! it), and `r` is `*` or `R`. So `*:*` and `admin:*` allow everything,
-//! `write:*` every write, `*:events` anything on events, `admin:clients`
-//! creating, reading, updating and deleting clients.
+//! A grant `a:r` allows the action `A` on the resource `R` when `r` is `*`
+//! or `R`, and `a` is `A`, `admin` (admin on a resource implies every action
+//! on it), or `*` — except that `*` never stands for `admin`: lifting a
+//! limit (reading every client's events, managing clients) takes a grant
+//! that says `admin` in so many words, or `*:*`, the one grant that allows
+//! everything. So `admin:*` and `*:*` allow everything, `write:*` every
+//! write, `*:events` reading and writing events (not `admin:events`),
+//! `admin:clients` creating, reading, updating and deleting clients.
 
 use core::fmt;
 
@@ -47,8 +50,13 @@ impl Permission {
 
     /// Whether this grant allows `action` on `resource`.
     pub fn allows(&self, action: &str, resource: &str) -> bool {
-        let action_ok = self.action == "*" || self.action == action || self.action == "admin";
         let resource_ok = self.resource == "*" || self.resource == resource;
+        let action_ok = match self.action.as_str() {
+            "admin" => true,
+            // A wildcard action never means admin, unless the grant is `*:*`.
+            "*" => action != "admin" || self.resource == "*",
+            a => a == action,
+        };
         action_ok && resource_ok
     }
 }
@@ -127,7 +135,14 @@ mod tests {
             ("write:*", "write", "anything", true),
             ("write:*", "read", "events", false),
             ("*:events", "read", "events", true),
+            ("*:events", "write", "events", true),
             ("*:events", "read", "stats", false),
+            ("*:events", "admin", "events", false),
+            ("read:*", "read", "events", true),
+            ("read:*", "admin", "events", false),
+            ("write:*", "admin", "events", false),
+            ("admin:events", "admin", "events", true),
+            ("admin:events", "admin", "stats", false),
             ("admin:clients", "create", "clients", true),
             ("admin:clients", "read", "clients", true),
             ("admin:clients", "update", "clients", true),
