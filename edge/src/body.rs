@@ -20,11 +20,12 @@ pub enum BodyKind {
     Beacon,
 }
 
-/// Classifies `Content-Type`; a missing one is taken as JSON (curl's
-/// default form type is refused so that a mistake is visible).
+/// Classifies `Content-Type`. A missing one is refused, as curl's default
+/// form type is, so that a mistake is visible: every browser and SDK sends
+/// one (`sendBeacon` with a string sends `text/plain`).
 pub fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ErrorCode> {
     let Some(ct) = content_type else {
-        return Ok(BodyKind::Json);
+        return Err(ErrorCode::UnsupportedMediaType);
     };
     let essence = ct.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") {
@@ -99,7 +100,7 @@ mod tests {
     #[test]
     fn content_types_table() {
         let cases = [
-            (None, Ok(BodyKind::Json)),
+            (None, Err(ErrorCode::UnsupportedMediaType)),
             (Some("application/json"), Ok(BodyKind::Json)),
             (Some("Application/JSON; charset=utf-8"), Ok(BodyKind::Json)),
             (Some("text/plain;charset=UTF-8"), Ok(BodyKind::Beacon)),

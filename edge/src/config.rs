@@ -9,6 +9,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use outpost_shared::client::Secret;
 use outpost_shared::frame::EdgeKey;
+use outpost_shared::ratelimit::RateLimit;
+use outpost_shared::seal::{PURPOSE_CLIENT_RECORD, PURPOSE_EDGE_CACHE, SealKey};
 use outpost_shared::validate::Limits;
 
 use crate::net::NetList;
@@ -69,6 +71,26 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
         Some("5000"),
         "How long to wait for the aggregator before answering 503.",
     ),
+    (
+        "ip_requests_per_minute",
+        Some("600"),
+        "Requests one client address may make per minute (bursts up to it), checked before the body is read or a client looked up; answered 429 with 42902. IPv6 addresses count per /64. `0`: off.",
+    ),
+    (
+        "client_lookups_per_minute",
+        Some("600"),
+        "Client records this edge may fetch from the aggregator per minute (cache misses, bursts up to it); past it an uncached client is answered 503 with 50302 and `Retry-After`. Bounds what a flood of made-up keys costs the aggregator. `0`: no bound.",
+    ),
+    (
+        "allow_insecure_http",
+        Some("false"),
+        "`true` lets `aggregator_url` be plain `http://` to a host other than loopback (a private network). Otherwise it must be `https://`.",
+    ),
+    (
+        "kv_slots",
+        Some("65536"),
+        "Spin only (its key-value store has no expiry): keys per use (client records, unknown ids, each kind of rate limit, nonces); a new key takes the slot its keyed hash picks, so the store never holds more than a few times this many keys.",
+    ),
 ];
 
 /// A setting that is missing or malformed.
@@ -90,6 +112,23 @@ pub struct Settings {
     pub aggregator_url: String,
     /// Time limit for each call to the aggregator, milliseconds.
     pub upstream_timeout_ms: u64,
+    /// Spin: key slots per use of the store (see [`crate::kv_slots`]).
+    pub kv_slots: u32,
+}
+
+/// Whether `url` (`http://host[:port]/…`) names this machine.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Settings {
@@ -125,11 +164,42 @@ impl Settings {
             })
         }
 
+        fn flag(name: &'static str, v: &str) -> Result<bool, ConfigError> {
+            match v {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(ConfigError {
+                    name,
+                    problem: format!("expected true or false, got {other:?}"),
+                }),
+            }
+        }
+        fn per_minute(n: u32) -> Option<RateLimit> {
+            (n > 0).then_some(RateLimit {
+                limit: n,
+                period_secs: 60,
+            })
+        }
+
         let aggregator_url = get("aggregator_url")?.trim_end_matches('/').to_owned();
         if !(aggregator_url.starts_with("http://") || aggregator_url.starts_with("https://")) {
             return Err(ConfigError {
                 name: "aggregator_url",
                 problem: format!("expected an http:// or https:// URL, got {aggregator_url:?}"),
+            });
+        }
+        // Frames and client lookups cross this hop; in clear text only on
+        // this machine, or where the operator says the network is private.
+        let insecure_ok = flag("allow_insecure_http", &get("allow_insecure_http")?)?;
+        if aggregator_url.starts_with("http://")
+            && !insecure_ok
+            && !is_loopback_url(&aggregator_url)
+        {
+            return Err(ConfigError {
+                name: "aggregator_url",
+                problem: format!(
+                    "{aggregator_url:?} is plain http:// to another host: use https://, or set allow_insecure_http = true for a private network"
+                ),
             });
         }
         let key_id = get("edge_key_id")?;
@@ -164,13 +234,30 @@ impl Settings {
             max_batch_events: number("max_batch_events", get("max_batch_events")?)?,
             ..Limits::default()
         };
+        let kv_slots: u32 = number("kv_slots", get("kv_slots")?)?;
+        if kv_slots == 0 {
+            return Err(ConfigError {
+                name: "kv_slots",
+                problem: "must be at least 1".into(),
+            });
+        }
         Ok(Settings {
             edge: EdgeConfig {
                 edge_id,
+                record_key: SealKey::derive(&secret, PURPOSE_CLIENT_RECORD),
+                cache_key: SealKey::derive(&secret, PURPOSE_EDGE_CACHE),
                 edge_key: EdgeKey {
                     id: key_id,
                     secret: Secret::new(secret),
                 },
+                ip_limit: per_minute(number(
+                    "ip_requests_per_minute",
+                    get("ip_requests_per_minute")?,
+                )?),
+                lookup_limit: per_minute(number(
+                    "client_lookups_per_minute",
+                    get("client_lookups_per_minute")?,
+                )?),
                 limits,
                 trusted_proxies: nets("trusted_proxies", &get("trusted_proxies")?)?,
                 blocklist: nets("blocklist", &get("blocklist")?)?,
@@ -186,6 +273,7 @@ impl Settings {
             },
             aggregator_url,
             upstream_timeout_ms: number("upstream_timeout_ms", get("upstream_timeout_ms")?)?,
+            kv_slots,
         })
     }
 }
@@ -244,6 +332,11 @@ mod tests {
             ("max_body_bytes", "-1"),
             ("blocklist", "10.0.0.0/99"),
             ("trusted_proxies", "proxy.example"),
+            ("aggregator_url", "http://aggregator.example.com"),
+            ("aggregator_url", "http://10.0.0.5:8080"),
+            ("allow_insecure_http", "yes"),
+            ("kv_slots", "0"),
+            ("ip_requests_per_minute", "-5"),
         ] {
             let mut pairs: Vec<_> = MINIMAL
                 .iter()
@@ -254,6 +347,63 @@ mod tests {
             let e = Settings::from_lookup(vars(&pairs)).unwrap_err();
             assert_eq!(e.name, name, "{value}");
         }
+    }
+
+    #[test]
+    fn plain_http_is_for_this_machine_or_a_network_marked_private() {
+        let with = |url: &str, insecure: Option<&str>| {
+            let mut pairs: Vec<_> = MINIMAL
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != "aggregator_url")
+                .collect();
+            pairs.push(("aggregator_url", url));
+            if let Some(v) = insecure {
+                pairs.push(("allow_insecure_http", v));
+            }
+            Settings::from_lookup(vars(&pairs))
+        };
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "http://[::1]:8080",
+            "https://aggregator.example.com",
+            "https://10.0.0.5",
+        ] {
+            assert!(with(ok, None).is_ok(), "{ok}");
+        }
+        for remote in [
+            "http://aggregator.example.com",
+            "http://10.0.0.5:8080",
+            "http://127.0.0.1.evil.example",
+            "http://localhost@evil.example",
+        ] {
+            assert_eq!(
+                with(remote, None).unwrap_err().name,
+                "aggregator_url",
+                "{remote}"
+            );
+            assert!(
+                with(remote, Some("true")).is_ok(),
+                "{remote} marked insecure"
+            );
+        }
+    }
+
+    #[test]
+    fn flood_bounds_default_on_and_zero_turns_them_off() {
+        let s = Settings::from_lookup(vars(MINIMAL)).unwrap();
+        assert_eq!(
+            s.edge.ip_limit.map(|l| (l.limit, l.period_secs)),
+            Some((600, 60))
+        );
+        assert_eq!(s.edge.lookup_limit.map(|l| l.limit), Some(600));
+        assert_eq!(s.kv_slots, 65536);
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("ip_requests_per_minute", "0"));
+        pairs.push(("client_lookups_per_minute", "0"));
+        let off = Settings::from_lookup(vars(&pairs)).unwrap();
+        assert!(off.edge.ip_limit.is_none() && off.edge.lookup_limit.is_none());
     }
 
     #[test]

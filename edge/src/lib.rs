@@ -8,6 +8,7 @@
 //!   decoded with a bound on the decompressed size;
 //! * [`kv_cache`]: a per-instance cache that keeps KV writes within a
 //!   platform's limits (Cloudflare: one write per key per second, 60 s TTL);
+//! * [`kv_slots`]: a bounded key space over a store without expiry (Spin);
 //! * [`pipeline`]: the request flow over the `Kv`, `Upstream` and `EdgeEnv`
 //!   seams — what every adapter runs;
 //! * [`config`]: the settings every adapter reads from its platform's
@@ -18,6 +19,7 @@
 pub mod body;
 pub mod config;
 pub mod kv_cache;
+pub mod kv_slots;
 pub mod net;
 pub mod pipeline;
 pub mod upstream;

@@ -6,6 +6,7 @@
 use outpost_shared::auth::signature;
 use outpost_shared::client::ClientRecord;
 use outpost_shared::error::{AcceptedResponse, ErrorEnvelope};
+use outpost_shared::seal::{SEALED_RECORD_CONTENT_TYPE, SealKey, client_record_context};
 
 use std::future::Future;
 
@@ -65,6 +66,7 @@ pub fn client_request(
             (signature::HEADER_KEY, cfg.edge_key.id.clone()),
             (signature::HEADER_TIMESTAMP, now_secs.to_string()),
             (signature::HEADER_SIGNATURE, sig),
+            ("accept", SEALED_RECORD_CONTENT_TYPE.to_owned()),
         ],
         body: Vec::new(),
     }
@@ -100,9 +102,10 @@ impl<T: Transport> Upstream for Aggregator<'_, T> {
     }
 
     async fn client(&self, id: &str) -> Result<Option<ClientRecord>, String> {
-        let req = client_request(self.url, self.cfg, id, self.now_ms / 1000);
+        let now_secs = self.now_ms / 1000;
+        let req = client_request(self.url, self.cfg, id, now_secs);
         let (status, body) = self.transport.send(req).await?;
-        client_answer(status, &body)
+        client_answer(status, &body, &self.cfg.record_key, id, now_secs)
     }
 }
 
@@ -119,12 +122,27 @@ pub fn ingest_answer(status: u16, body: &[u8]) -> UpstreamAnswer {
 }
 
 /// What the aggregator's answer to a client lookup means: `Ok(None)` for
-/// "no such client", `Err` for anything that is not an answer.
-pub fn client_answer(status: u16, body: &[u8]) -> Result<Option<ClientRecord>, String> {
+/// "no such client", `Err` for anything that is not an answer. A record
+/// comes sealed under `key` (derived from the edge key) and bound to the
+/// lookup (`id`, its signed `lookup_secs`): one that does not open — from
+/// anyone but an aggregator holding this edge's key, or an old answer
+/// replayed — is refused, never believed.
+pub fn client_answer(
+    status: u16,
+    body: &[u8],
+    key: &SealKey,
+    id: &str,
+    lookup_secs: i64,
+) -> Result<Option<ClientRecord>, String> {
     match status {
-        200 => serde_json::from_slice(body)
-            .map(Some)
-            .map_err(|e| format!("unreadable client record: {e}")),
+        200 => {
+            let plain = key
+                .open(&client_record_context(id, lookup_secs), body)
+                .ok_or("the client record does not open with this edge's key")?;
+            serde_json::from_slice(&plain)
+                .map(Some)
+                .map_err(|e| format!("unreadable client record: {e}"))
+        }
         404 => Ok(None),
         s => Err(match serde_json::from_slice::<ErrorEnvelope>(body) {
             Ok(env) => format!("client lookup answered {s} ({})", env.code),
@@ -144,7 +162,7 @@ mod tests {
     fn cfg() -> EdgeConfig {
         crate::config::Settings::from_lookup(|k| {
             match k {
-                "aggregator_url" => Some("http://agg"),
+                "aggregator_url" => Some("https://agg"),
                 "edge_key_id" => Some("edge-1"),
                 "edge_key_secret" => Some("ZWRnZS1zZWNyZXQtZWRnZS1zZWNyZXQ"),
                 _ => None,
@@ -196,8 +214,28 @@ mod tests {
             ingest_answer(503, &env),
             UpstreamAnswer::Refused(503, Some(e)) if e.code == ErrorCode::Overloaded
         ));
-        assert_eq!(client_answer(404, b""), Ok(None));
-        assert!(client_answer(500, b"").is_err());
-        assert!(client_answer(200, b"{}").is_err());
+        let key = cfg().record_key;
+        assert_eq!(client_answer(404, b"", &key, "web", 5), Ok(None));
+        assert!(client_answer(500, b"", &key, "web", 5).is_err());
+        assert!(client_answer(200, b"{}", &key, "web", 5).is_err());
+    }
+
+    #[test]
+    fn a_client_record_is_believed_only_sealed_for_this_lookup() {
+        let cfg = cfg();
+        let record = serde_json::to_vec(&serde_json::json!({
+            "id": "web", "name": "Web", "method": "write_key", "credentials": [],
+            "permissions": ["write:events"], "allowed_origins": ["*"], "active": true
+        }))
+        .unwrap();
+        let ctx = client_record_context("web", 1_800_000_000);
+        let sealed = cfg.record_key.seal([3; 12], &ctx, &record);
+        let got = client_answer(200, &sealed, &cfg.record_key, "web", 1_800_000_000).unwrap();
+        assert_eq!(got.map(|r| r.id), Some("web".to_owned()));
+        // In clear text (a proxy's own record), or replayed for a later
+        // lookup, or for another id: refused.
+        assert!(client_answer(200, &record, &cfg.record_key, "web", 1_800_000_000).is_err());
+        assert!(client_answer(200, &sealed, &cfg.record_key, "web", 1_800_000_001).is_err());
+        assert!(client_answer(200, &sealed, &cfg.record_key, "app", 1_800_000_000).is_err());
     }
 }

@@ -155,6 +155,11 @@ impl EdgeEnv for WorkerEnv {
         }
         out
     }
+
+    /// Workers Logs keep console output.
+    fn warn(&self, event: &str, detail: &str) {
+        worker::console_warn!("outpost-edge warn {event}: {detail}");
+    }
 }
 
 /// Workers KV, which keeps its own expiry.

@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use http_body_util::{BodyExt as _, Full, Limited};
 use outpost_edge::config::{Settings, VARIABLES};
+use outpost_edge::kv_slots::SlottedKv;
 use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse};
 use outpost_edge::shared::kv::Kv;
 use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport};
@@ -59,9 +60,19 @@ async fn handle(req: Request) -> http::Response<Full<bytes::Bytes>> {
     // that, and a huge body is never buffered.
     edge_req.body = read_bounded(body, settings.edge.max_wire_bytes() + 1).await;
 
+    // Spin's store never forgets a key: the edge keeps a bounded number of
+    // slots per use in it instead of one key per client, address or nonce.
     let store = match Store::open_default().await {
-        Ok(s) => Some(SpinKv(s)),
-        Err(_) => None,
+        Ok(s) => Some(SlottedKv::new(
+            SpinStore(s),
+            || SpinEnv.now_ms(),
+            settings.kv_slots,
+            settings.edge.edge_key.secret.expose(),
+        )),
+        Err(e) => {
+            env.warn("kv_open", &format!("{e:?}"));
+            None
+        }
     };
     let upstream = Aggregator {
         url: &settings.aggregator_url,
@@ -152,37 +163,29 @@ impl EdgeEnv for SpinEnv {
         }
         out
     }
+
+    /// Spin keeps a component's stderr as its log.
+    fn warn(&self, event: &str, detail: &str) {
+        eprintln!("outpost-edge warn {event}: {detail}");
+    }
 }
 
-/// Spin's key-value store. It has no expiry, so each value carries its
-/// deadline (8 bytes, epoch milliseconds, big-endian) in front; a read past
-/// the deadline is a miss and removes the entry.
-struct SpinKv(Store);
+/// Spin's key-value store as it is: no expiry (the TTL is dropped here;
+/// [`SlottedKv`] keeps each entry's deadline in its value instead).
+struct SpinStore(Store);
 
-impl Kv for SpinKv {
+impl Kv for SpinStore {
     type Error = String;
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        let Some(stored) = self.0.get(key).await.map_err(|e| format!("{e:?}"))? else {
-            return Ok(None);
-        };
-        let Some((deadline, value)) = stored.split_first_chunk::<8>() else {
-            return Ok(None);
-        };
-        if i64::from_be_bytes(*deadline) <= SpinEnv.now_ms() {
-            let _ = self.0.delete(key).await;
-            return Ok(None);
-        }
-        Ok(Some(value.to_vec()))
+        self.0.get(key).await.map_err(|e| format!("{e:?}"))
     }
 
-    async fn put(&self, key: &str, value: &[u8], ttl_secs: u64) -> Result<(), String> {
-        let ttl_ms = i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let deadline = SpinEnv.now_ms().saturating_add(ttl_ms);
-        let mut stored = Vec::with_capacity(8 + value.len());
-        stored.extend_from_slice(&deadline.to_be_bytes());
-        stored.extend_from_slice(value);
-        self.0.set(key, stored).await.map_err(|e| format!("{e:?}"))
+    async fn put(&self, key: &str, value: &[u8], _ttl_secs: u64) -> Result<(), String> {
+        self.0
+            .set(key, value.to_vec())
+            .await
+            .map_err(|e| format!("{e:?}"))
     }
 }
 
