@@ -41,11 +41,39 @@ pub fn load(
 /// Serves until SIGINT/SIGTERM.
 pub async fn run(cfg: HostConfig, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let addr = listen.unwrap_or(cfg.listen);
+    let metrics_addr = cfg.metrics_listen;
     let component = cfg.component.display().to_string();
     let host = EdgeHost::new(cfg).with_context(|| format!("loading {component}"))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
+    if let Some(maddr) = metrics_addr {
+        let metrics = host.metrics();
+        let mlistener = tokio::net::TcpListener::bind(maddr)
+            .await
+            .with_context(|| format!("binding the metrics address {maddr}"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
+        tracing::info!(addr = %maddr, "edge metrics listening");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(mlistener, app).await {
+                tracing::warn!(error = %e, "edge metrics server stopped");
+            }
+        });
+    }
     tracing::info!(%addr, %component, "edge listening");
     host.serve(listener, crate::app::shutdown_signal()).await?;
     tracing::info!("edge stopped");

@@ -34,6 +34,11 @@ pub struct HostConfig {
     /// Per-request bounds.
     #[serde(default)]
     pub limits: Limits,
+    /// Where to serve the host's Prometheus metrics (`GET /metrics`: KV
+    /// errors by use, keys held, requests by status); none by default.
+    /// Keep it off the public interface.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl HostConfig {
@@ -45,6 +50,7 @@ impl HostConfig {
             variables: BTreeMap::new(),
             kv: KvConfig::default(),
             limits: Limits::default(),
+            metrics_listen: None,
         }
     }
 
@@ -60,13 +66,16 @@ fn default_listen() -> SocketAddr {
 }
 
 /// The backend of Spin's `default` key-value store.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KvConfig {
     /// A map in this process, shared by every request this host serves and
     /// lost when it stops. Rate limits and caches are then per host.
-    #[default]
-    Memory,
+    Memory {
+        /// Most keys held; past it the least recently used is forgotten.
+        #[serde(default = "default_max_keys")]
+        max_keys: usize,
+    },
     /// A Redis server, so that several hosts share rate limits, nonces and
     /// the client cache (what one Spin app with a Redis store would do).
     Redis {
@@ -77,6 +86,18 @@ pub enum KvConfig {
         #[serde(default = "default_prefix")]
         prefix: String,
     },
+}
+
+impl Default for KvConfig {
+    fn default() -> KvConfig {
+        KvConfig::Memory {
+            max_keys: default_max_keys(),
+        }
+    }
+}
+
+fn default_max_keys() -> usize {
+    crate::kv::MEMORY_MAX_KEYS
 }
 
 fn default_prefix() -> String {

@@ -20,6 +20,7 @@ use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -80,6 +81,65 @@ pub struct EdgeHost {
     pre: ServicePre<RequestState>,
     shared: Arc<Shared>,
     limits: Limits,
+    /// The component's own body limit (its `max_body_bytes`), named when
+    /// the host refuses a body before the component sees it.
+    guest_body_limit: String,
+    counters: Arc<Counters>,
+}
+
+/// Requests answered, by status class.
+#[derive(Default)]
+struct Counters {
+    by_class: [AtomicU64; 5],
+}
+
+/// A handle on the host's metrics, usable after [`EdgeHost::serve`] took
+/// the host.
+#[derive(Clone)]
+pub struct HostMetrics {
+    shared: Arc<Shared>,
+    counters: Arc<Counters>,
+}
+
+impl HostMetrics {
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let kv = &self.shared.kv;
+        out.push_str("# HELP outpost_edge_kv_errors_total Key-value operations that failed, by what the key is for (client, noclient, rla, rlc, rlci, rll, nonce).\n# TYPE outpost_edge_kv_errors_total counter\n");
+        let errors = kv
+            .stats
+            .errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (used_for, n) in &errors {
+            let _ = writeln!(
+                out,
+                "outpost_edge_kv_errors_total{{use=\"{used_for}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP outpost_edge_kv_evictions_total Entries the in-memory store forgot to stay within kv.max_keys.\n# TYPE outpost_edge_kv_evictions_total counter\n");
+        let _ = writeln!(
+            out,
+            "outpost_edge_kv_evictions_total {}",
+            kv.stats.evicted.load(Ordering::Relaxed)
+        );
+        if let Some(n) = kv.memory_len() {
+            out.push_str("# HELP outpost_edge_kv_keys Keys the in-memory store holds.\n# TYPE outpost_edge_kv_keys gauge\n");
+            let _ = writeln!(out, "outpost_edge_kv_keys {n}");
+        }
+        out.push_str("# HELP outpost_edge_requests_total Requests answered, by status class.\n# TYPE outpost_edge_requests_total counter\n");
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "outpost_edge_requests_total{{status=\"{class}\"}} {}",
+                self.counters.by_class[i].load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
 }
 
 impl EdgeHost {
@@ -137,8 +197,23 @@ impl EdgeHost {
             &cfg.kv,
             Duration::from_millis(cfg.limits.outbound_timeout_ms.min(1_000)),
         )?;
+        // The component's documented default when the variable is unset.
+        let guest_body_limit = cfg
+            .variables
+            .get("max_body_bytes")
+            .cloned()
+            .unwrap_or_else(|| {
+                outpost_edge::config::VARIABLES
+                    .iter()
+                    .find(|(n, _, _)| *n == "max_body_bytes")
+                    .and_then(|(_, d, _)| *d)
+                    .unwrap_or_default()
+                    .to_owned()
+            });
         Ok(EdgeHost {
             pre,
+            guest_body_limit,
+            counters: Arc::default(),
             shared: Arc::new(Shared {
                 variables: cfg.variables,
                 kv,
@@ -163,14 +238,38 @@ impl EdgeHost {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
+        let resp = self.answer(req, peer).await;
+        let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+        self.counters.by_class[class].fetch_add(1, Ordering::Relaxed);
+        resp
+    }
+
+    /// A handle on this host's metrics (`HostMetrics::render`).
+    pub fn metrics(&self) -> HostMetrics {
+        HostMetrics {
+            shared: Arc::clone(&self.shared),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
+    async fn answer<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let request_id = request_id(&parts.headers);
         let max_body = self.limits.max_request_body_bytes;
         if declared_length(&parts.headers).is_some_and(|n| n > max_body as u64) {
+            // Named as the component would name it: its limit is the
+            // documented one; this host's own bound only stops reading.
             return envelope::response(
                 ErrorCode::BodyTooLarge,
-                format!("the request body is larger than {max_body} bytes"),
+                format!(
+                    "the request body is larger than {} bytes (after decompression)",
+                    self.guest_body_limit
+                ),
                 &request_id,
                 None,
             );

@@ -1,29 +1,152 @@
 //! The backends of Spin's `default` key-value store.
 //!
 //! The edge keeps rate-limit windows, seen nonces and cached client records
-//! here, each value carrying its own expiry (Spin's store has none). A
-//! backend only stores bytes; errors are plain strings because the guest
-//! only sees them as `error::other` and treats every one as an outage
-//! (rules that need state fail open), so their text is for logs.
+//! here. Spin's interface has no expiry, so the Outpost component puts each
+//! value's deadline in its first 8 bytes (epoch milliseconds, big-endian;
+//! `outpost_edge::kv_slots`) and keeps a bounded number of keys per use.
+//! The host uses that deadline too, so that nothing it stores outlives its
+//! use: the in-memory map forgets expired entries and, when full, the least
+//! recently used one (it never refuses a write); Redis gets the deadline as
+//! the key's expiry (`PX`). A value without a plausible deadline is kept
+//! without one (the memory bound still holds).
 //!
-//! The in-memory map is bounded by a key count: expired entries are only
-//! removed when the guest reads them, and a caller rotating source
-//! addresses would otherwise grow it without end. Redis bounds itself
-//! (`maxmemory`) and is shared by every host pointed at it.
+//! A backend only stores bytes; errors are plain strings because the guest
+//! only sees them as `error::other` and decides per use what an outage
+//! means (rate limits let requests through, nonces do not). Each error is
+//! counted by use in [`KvStats`] and logged.
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use lru::LruCache;
+
 use crate::config::KvConfig;
 
-/// Most keys the in-memory store holds; `set` of a new key past it fails
-/// (the guest then fails open, as on any store outage).
+/// Most keys the in-memory store holds by default; past it the least
+/// recently used key is forgotten.
 pub const MEMORY_MAX_KEYS: usize = 200_000;
 
+/// The deadline a value carries, when it carries a plausible one (between
+/// 2001 and 2200: anything else is not one of ours).
+fn deadline_of(value: &[u8]) -> Option<i64> {
+    let d = i64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    (1_000_000_000_000..7_258_118_400_000)
+        .contains(&d)
+        .then_some(d)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What the guest uses a key for: its first `:`-separated segment
+/// (`client`, `noclient`, `rla`, `rlc`, `nonce`, …), or `other`.
+pub(crate) fn use_of(key: &str) -> &'static str {
+    const USES: &[&str] = &["client", "noclient", "rla", "rlc", "rlci", "rll", "nonce"];
+    let first = key.split(':').next().unwrap_or("");
+    USES.iter()
+        .find(|u| **u == first)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Counters of one host's store, for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct KvStats {
+    /// Failed operations, by use.
+    pub(crate) errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Entries the memory store dropped to stay within its bound.
+    pub(crate) evicted: AtomicU64,
+}
+
+impl KvStats {
+    fn error(&self, key: &str, e: &str) {
+        let used_for = use_of(key);
+        tracing::warn!(used_for, error = %e, "key-value store operation failed");
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(used_for)
+            .or_default() += 1;
+    }
+}
+
+/// A value and the deadline it carries, if any.
+type Entry = (Vec<u8>, Option<i64>);
+
+/// The in-memory store: a bounded LRU map of values and their deadlines.
+pub(crate) struct MemoryKv {
+    map: Mutex<LruCache<String, Entry>>,
+}
+
+impl MemoryKv {
+    fn new(max_keys: usize) -> MemoryKv {
+        let cap = NonZeroUsize::new(max_keys.max(1)).unwrap_or(NonZeroUsize::MIN);
+        MemoryKv {
+            map: Mutex::new(LruCache::new(cap)),
+        }
+    }
+
+    /// A poisoned lock only means another request panicked mid-update of a
+    /// plain map; its contents are still a valid map, so keep serving.
+    fn lock(&self) -> MutexGuard<'_, LruCache<String, Entry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut map = self.lock();
+        match map.get(key) {
+            Some((_, Some(d))) if *d <= now_ms() => {
+                map.pop(key);
+                None
+            }
+            Some((v, _)) => Some(v.clone()),
+            None => None,
+        }
+    }
+
+    /// Stores `value`; true when another entry had to make room.
+    fn set(&self, key: &str, value: Vec<u8>) -> bool {
+        let deadline = deadline_of(&value);
+        let mut map = self.lock();
+        let full = map.len() == map.cap().get() && !map.contains(key);
+        if full {
+            // Forget an expired entry rather than a live one, if the least
+            // recently used end has one.
+            let now = now_ms();
+            let expired = map
+                .iter()
+                .rev()
+                .take(16)
+                .find(|(_, (_, d))| d.is_some_and(|d| d <= now))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = expired {
+                map.pop(&k);
+            }
+        }
+        let evicted = map.push(key.to_owned(), (value, deadline));
+        full && evicted.is_some_and(|(k, _)| k != key)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
 /// One host's `default` store.
-pub(crate) enum Kv {
-    Memory(Arc<Mutex<HashMap<String, Vec<u8>>>>),
+pub(crate) struct Kv {
+    backend: Backend,
+    pub(crate) stats: Arc<KvStats>,
+}
+
+enum Backend {
+    Memory(MemoryKv),
     // Boxed: one per host, and it keeps the common in-memory case small.
     Redis(Box<RedisKv>),
 }
@@ -32,71 +155,110 @@ impl Kv {
     /// Builds the backend; Redis connects on first use, so a host starts
     /// (and answers, failing open) while Redis is down.
     pub(crate) fn new(cfg: &KvConfig, op_timeout: Duration) -> anyhow::Result<Kv> {
-        Ok(match cfg {
-            KvConfig::Memory => Kv::Memory(Arc::default()),
-            KvConfig::Redis { url, prefix } => Kv::Redis(Box::new(RedisKv {
+        let backend = match cfg {
+            KvConfig::Memory { max_keys } => Backend::Memory(MemoryKv::new(*max_keys)),
+            KvConfig::Redis { url, prefix } => Backend::Redis(Box::new(RedisKv {
                 client: redis::Client::open(url.as_str())
                     .map_err(|e| anyhow::anyhow!("kv redis url {url:?}: {e}"))?,
                 prefix: prefix.clone(),
                 op_timeout,
                 conn: tokio::sync::OnceCell::new(),
             })),
+        };
+        Ok(Kv {
+            backend,
+            stats: Arc::default(),
         })
     }
 
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        match self {
-            Kv::Memory(m) => Ok(lock(m).get(key).cloned()),
-            Kv::Redis(r) => r.query(redis::cmd("GET").arg(r.key(key))).await,
+    fn counted<T>(&self, key: &str, r: Result<T, String>) -> Result<T, String> {
+        if let Err(e) = &r {
+            self.stats.error(key, e);
         }
+        r
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let r = match &self.backend {
+            Backend::Memory(m) => Ok(m.get(key)),
+            Backend::Redis(r) => r.query(redis::cmd("GET").arg(r.key(key))).await,
+        };
+        self.counted(key, r)
     }
 
     pub(crate) async fn set(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
-        match self {
-            Kv::Memory(m) => {
-                let mut map = lock(m);
-                if map.len() >= MEMORY_MAX_KEYS && !map.contains_key(key) {
-                    return Err(format!("in-memory store is full ({MEMORY_MAX_KEYS} keys)"));
+        let r = match &self.backend {
+            Backend::Memory(m) => {
+                if m.set(key, value) {
+                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
                 }
-                map.insert(key.to_owned(), value);
                 Ok(())
             }
-            Kv::Redis(r) => r.query(redis::cmd("SET").arg(r.key(key)).arg(value)).await,
-        }
+            Backend::Redis(r) => match deadline_of(&value).map(|d| d - now_ms()) {
+                // Already past its deadline: nothing to keep.
+                Some(ms) if ms <= 0 => r
+                    .query::<i64>(redis::cmd("DEL").arg(r.key(key)))
+                    .await
+                    .map(drop),
+                Some(ms) => {
+                    r.query(
+                        redis::cmd("SET")
+                            .arg(r.key(key))
+                            .arg(value)
+                            .arg("PX")
+                            .arg(ms),
+                    )
+                    .await
+                }
+                None => r.query(redis::cmd("SET").arg(r.key(key)).arg(value)).await,
+            },
+        };
+        self.counted(key, r)
     }
 
     pub(crate) async fn delete(&self, key: &str) -> Result<(), String> {
-        match self {
-            Kv::Memory(m) => {
-                lock(m).remove(key);
+        let r = match &self.backend {
+            Backend::Memory(m) => {
+                m.lock().pop(key);
                 Ok(())
             }
-            Kv::Redis(r) => r
+            Backend::Redis(r) => r
                 .query::<i64>(redis::cmd("DEL").arg(r.key(key)))
                 .await
                 .map(drop),
-        }
+        };
+        self.counted(key, r)
     }
 
     pub(crate) async fn exists(&self, key: &str) -> Result<bool, String> {
-        match self {
-            Kv::Memory(m) => Ok(lock(m).contains_key(key)),
-            Kv::Redis(r) => r.query(redis::cmd("EXISTS").arg(r.key(key))).await,
-        }
+        let r = match &self.backend {
+            Backend::Memory(m) => Ok(m.get(key).is_some()),
+            Backend::Redis(r) => r.query(redis::cmd("EXISTS").arg(r.key(key))).await,
+        };
+        self.counted(key, r)
     }
 
     pub(crate) async fn keys(&self) -> Result<Vec<String>, String> {
-        match self {
-            Kv::Memory(m) => Ok(lock(m).keys().cloned().collect()),
-            Kv::Redis(r) => r.keys().await,
+        match &self.backend {
+            Backend::Memory(m) => {
+                let now = now_ms();
+                Ok(m.lock()
+                    .iter()
+                    .filter(|(_, (_, d))| d.is_none_or(|d| d > now))
+                    .map(|(k, _)| k.clone())
+                    .collect())
+            }
+            Backend::Redis(r) => r.keys().await,
         }
     }
-}
 
-/// A poisoned lock only means another request panicked mid-update of a
-/// plain map; its contents are still a valid map, so keep serving.
-fn lock(m: &Mutex<HashMap<String, Vec<u8>>>) -> MutexGuard<'_, HashMap<String, Vec<u8>>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    /// Keys held now, for the memory store (Redis: `None`, ask Redis).
+    pub(crate) fn memory_len(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Memory(m) => Some(m.len()),
+            Backend::Redis(_) => None,
+        }
+    }
 }
 
 pub(crate) struct RedisKv {
@@ -180,9 +342,13 @@ fn glob_escape(s: &str) -> String {
 mod tests {
     use super::*;
 
+    fn with_deadline(deadline: i64, value: &[u8]) -> Vec<u8> {
+        [&deadline.to_be_bytes()[..], value].concat()
+    }
+
     #[tokio::test]
-    async fn memory_store_round_trips_and_is_bounded() {
-        let kv = Kv::new(&KvConfig::Memory, Duration::from_secs(1)).unwrap();
+    async fn memory_store_round_trips() {
+        let kv = Kv::new(&KvConfig::default(), Duration::from_secs(1)).unwrap();
         assert_eq!(kv.get("a").await, Ok(None));
         kv.set("a", b"1".to_vec()).await.unwrap();
         assert_eq!(kv.get("a").await, Ok(Some(b"1".to_vec())));
@@ -191,12 +357,45 @@ mod tests {
         kv.delete("a").await.unwrap();
         kv.delete("a").await.unwrap();
         assert_eq!(kv.exists("a").await, Ok(false));
+    }
 
-        let Kv::Memory(map) = &kv else { unreachable!() };
-        lock(map).extend((0..MEMORY_MAX_KEYS).map(|i| (i.to_string(), Vec::new())));
-        assert!(kv.set("new", Vec::new()).await.is_err());
-        // Overwriting a key that exists never needs room.
-        kv.set("7", b"x".to_vec()).await.unwrap();
+    #[tokio::test]
+    async fn a_full_memory_store_forgets_the_oldest_key_instead_of_refusing() {
+        let kv = Kv::new(&KvConfig::Memory { max_keys: 100 }, Duration::from_secs(1)).unwrap();
+        for i in 0..10_000 {
+            kv.set(&format!("rla:{i}"), b"x".to_vec()).await.unwrap();
+        }
+        assert_eq!(kv.memory_len(), Some(100));
+        assert_eq!(kv.stats.evicted.load(Ordering::Relaxed), 9_900);
+        assert_eq!(kv.get("rla:9999").await, Ok(Some(b"x".to_vec())));
+        assert_eq!(kv.get("rla:0").await, Ok(None));
+        // Overwriting a key that exists evicts nothing.
+        kv.set("rla:9999", b"y".to_vec()).await.unwrap();
+        assert_eq!(kv.stats.evicted.load(Ordering::Relaxed), 9_900);
+    }
+
+    #[tokio::test]
+    async fn memory_entries_expire_at_the_deadline_their_value_carries() {
+        let kv = Kv::new(&KvConfig::default(), Duration::from_secs(1)).unwrap();
+        let now = now_ms();
+        kv.set("rla:a", with_deadline(now - 1, b"old"))
+            .await
+            .unwrap();
+        kv.set("rla:b", with_deadline(now + 60_000, b"new"))
+            .await
+            .unwrap();
+        assert_eq!(kv.get("rla:a").await, Ok(None));
+        assert!(kv.get("rla:b").await.unwrap().is_some());
+        assert_eq!(kv.keys().await, Ok(vec!["rla:b".to_owned()]));
+        assert_eq!(deadline_of(b"short"), None);
+        assert_eq!(deadline_of(&7u64.to_be_bytes()), None, "not a deadline");
+    }
+
+    #[test]
+    fn uses_are_the_first_segment() {
+        assert_eq!(use_of("nonce:3f"), "nonce");
+        assert_eq!(use_of("rla:10.0.0.1"), "rla");
+        assert_eq!(use_of("whatever"), "other");
     }
 
     /// Runs against the machine's Redis (`OUTPOST_TEST_REDIS_URL`, default
@@ -237,6 +436,26 @@ mod tests {
         other.delete("y").await.unwrap();
         assert_eq!(b.get("rl:c:x").await, Ok(None));
         assert_eq!(a.keys().await, Ok(Vec::new()));
+
+        // A value's deadline becomes the key's expiry in Redis itself.
+        let now = now_ms();
+        a.set("rla:x", with_deadline(now + 30_000, b"v"))
+            .await
+            .unwrap();
+        let Backend::Redis(r) = &a.backend else {
+            unreachable!()
+        };
+        let pttl: i64 = r
+            .query(redis::cmd("PTTL").arg(r.key("rla:x")))
+            .await
+            .unwrap();
+        assert!((1..=30_000).contains(&pttl), "{pttl}");
+        a.set("rla:x", with_deadline(now - 1, b"v")).await.unwrap();
+        assert_eq!(
+            a.exists("rla:x").await,
+            Ok(false),
+            "written already expired"
+        );
     }
 
     #[tokio::test]
@@ -247,8 +466,9 @@ mod tests {
         };
         let kv = Kv::new(&cfg, Duration::from_millis(300)).unwrap();
         let started = std::time::Instant::now();
-        assert!(kv.get("k").await.is_err());
+        assert!(kv.get("nonce:k").await.is_err());
         assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(kv.stats.errors.lock().unwrap().get("nonce"), Some(&1));
         assert!(
             Kv::new(
                 &KvConfig::Redis {

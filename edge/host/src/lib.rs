@@ -21,6 +21,6 @@ mod spin;
 mod state;
 
 pub use config::{HostConfig, KvConfig, Limits};
-pub use host::{DEADLINE_GRACE_MS, EPOCH_TICK, EdgeHost, ResponseBody};
+pub use host::{DEADLINE_GRACE_MS, EPOCH_TICK, EdgeHost, HostMetrics, ResponseBody};
 pub use kv::MEMORY_MAX_KEYS;
 pub use spin::StoreHandle;
