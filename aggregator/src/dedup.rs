@@ -12,9 +12,11 @@
 //! `outpost_dedup_errors_total` counts it); the PostgreSQL unique key on
 //! (client, event id) still holds. Needs Redis ≥ 7.0 (`SET … NX GET`).
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use lru::LruCache;
 
 use outpost_shared::frame::BatchId;
 use redis::aio::ConnectionManager;
@@ -99,11 +101,28 @@ pub struct DedupSettings {
     window_secs: u64,
 }
 
-/// In-process claims, bounded in number.
-#[derive(Debug)]
+/// In-process claims, bounded in number: past the bound the least
+/// recently claimed id is forgotten (O(1), no scan), so the window is
+/// shorter under a flood of ids but the newest ids are always remembered.
 pub struct MemoryDedup {
-    claims: Mutex<HashMap<String, ([u8; 16], i64)>>,
-    max_entries: usize,
+    claims: Mutex<LruCache<String, ([u8; 16], i64)>>,
+}
+
+impl MemoryDedup {
+    /// A store of at most `max_entries` claims.
+    pub fn new(max_entries: usize) -> MemoryDedup {
+        MemoryDedup {
+            claims: Mutex::new(LruCache::new(
+                NonZeroUsize::new(max_entries).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<String, ([u8; 16], i64)>> {
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Dedup {
@@ -115,13 +134,9 @@ impl Dedup {
         };
         Ok(match config.backend {
             DedupBackend::Off => Dedup::Off,
-            DedupBackend::Memory => Dedup::Memory(
-                MemoryDedup {
-                    claims: Mutex::new(HashMap::new()),
-                    max_entries: config.memory_max_entries,
-                },
-                settings,
-            ),
+            DedupBackend::Memory => {
+                Dedup::Memory(MemoryDedup::new(config.memory_max_entries), settings)
+            }
             DedupBackend::Redis => {
                 let target = if config.redis_urls.len() > 1 {
                     let client = redis::cluster::ClusterClient::new(config.redis_urls.clone())?;
@@ -184,6 +199,36 @@ impl Dedup {
         }
     }
 
+    /// Gives up the claims `batch` holds on `event_ids` (rows a sink could
+    /// not store): a claim still holding this batch's id is deleted, so a
+    /// corrected re-send with the same event id is not taken for a
+    /// duplicate; one that another batch holds is left alone. Best effort:
+    /// Redis down leaves the claims to expire with the window.
+    pub async fn release(&self, client_id: &str, event_ids: &[&str], batch: &BatchId) {
+        if event_ids.is_empty() {
+            return;
+        }
+        let result = match self {
+            Dedup::Off => Ok(()),
+            Dedup::Memory(m, s) => {
+                m.release(s, client_id, event_ids, batch);
+                Ok(())
+            }
+            Dedup::Redis(r, s) => match r.connection().await {
+                Ok(RedisConn::Single(mut c)) => {
+                    redis_release(&mut c, s, client_id, event_ids, batch).await
+                }
+                Ok(RedisConn::Cluster(mut c)) => {
+                    redis_release(&mut c, s, client_id, event_ids, batch).await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, client_id, events = event_ids.len(), "could not release dedup claims; they expire with the window");
+        }
+    }
+
     /// For readiness: `None` when there is nothing to check.
     pub async fn ping(&self) -> Option<bool> {
         let Dedup::Redis(r, _) = self else {
@@ -233,7 +278,48 @@ async fn redis_claim<C: redis::aio::ConnectionLike>(
         .collect())
 }
 
+/// Deletes a key only while it holds the given batch id (one round trip
+/// per key, pipelined): `GET` and `DEL` in one script so that another
+/// batch's claim made in between is never deleted.
+const RELEASE_SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+
+async fn redis_release<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    s: &DedupSettings,
+    client_id: &str,
+    event_ids: &[&str],
+    batch: &BatchId,
+) -> Result<(), String> {
+    let mine = batch.to_string();
+    let mut pipe = redis::pipe();
+    for id in event_ids {
+        pipe.cmd("EVAL")
+            .arg(RELEASE_SCRIPT)
+            .arg(1)
+            .arg(claim_key(s, client_id, id))
+            .arg(&mine)
+            .ignore();
+    }
+    tokio::time::timeout(CLAIM_TIMEOUT, pipe.query_async::<()>(conn))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
 impl MemoryDedup {
+    fn release(&self, s: &DedupSettings, client_id: &str, event_ids: &[&str], batch: &BatchId) {
+        let mut claims = self.lock();
+        for id in event_ids {
+            let key = claim_key(s, client_id, id);
+            if claims
+                .peek(&key)
+                .is_some_and(|(owner, _)| owner == &batch.0)
+            {
+                claims.pop(&key);
+            }
+        }
+    }
+
     fn claim(
         &self,
         s: &DedupSettings,
@@ -244,13 +330,7 @@ impl MemoryDedup {
     ) -> Vec<bool> {
         let expires = now_ms
             .saturating_add(i64::try_from(s.window_secs.saturating_mul(1000)).unwrap_or(i64::MAX));
-        let mut claims = self
-            .claims
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if claims.len() + event_ids.len() > self.max_entries {
-            claims.retain(|_, (_, exp)| *exp > now_ms);
-        }
+        let mut claims = self.lock();
         event_ids
             .iter()
             .map(|id| {
@@ -258,11 +338,8 @@ impl MemoryDedup {
                 match claims.get(&key) {
                     Some((owner, exp)) if *exp > now_ms => owner == &batch.0,
                     _ => {
-                        // Full even after expiry: remember nothing more
-                        // (fail open) rather than grow without bound.
-                        if claims.len() < self.max_entries {
-                            claims.insert(key, (batch.0, expires));
-                        }
+                        // Full: the least recently claimed id makes room.
+                        claims.put(key, (batch.0, expires));
                         true
                     }
                 }
@@ -277,10 +354,7 @@ mod tests {
 
     fn memory(max: usize) -> (MemoryDedup, DedupSettings) {
         (
-            MemoryDedup {
-                claims: Mutex::new(HashMap::new()),
-                max_entries: max,
-            },
+            MemoryDedup::new(max),
             DedupSettings {
                 key_prefix: "t:".into(),
                 window_secs: 10,
@@ -312,14 +386,47 @@ mod tests {
     }
 
     #[test]
-    fn a_full_memory_dedup_fails_open_instead_of_growing() {
+    fn a_full_memory_dedup_forgets_the_oldest_claim_and_keeps_the_newest() {
         let (m, s) = memory(2);
-        let b = BatchId([1; 16]);
+        let (b1, b2) = (BatchId([1; 16]), BatchId([2; 16]));
         assert_eq!(
-            m.claim(&s, "c", &["a", "b", "c"], &b, 0),
+            m.claim(&s, "c", &["a", "b", "c"], &b1, 0),
             [true, true, true]
         );
-        assert_eq!(m.claims.lock().unwrap().len(), 2);
+        assert_eq!(m.lock().len(), 2);
+        // The newest ids are still claimed; the oldest was forgotten.
+        assert_eq!(m.claim(&s, "c", &["c"], &b2, 1), [false]);
+        assert_eq!(m.claim(&s, "c", &["a"], &b2, 2), [true]);
+    }
+
+    #[test]
+    fn claims_a_batch_gives_up_are_released_but_not_another_batchs() {
+        let (m, s) = memory(100);
+        let (b1, b2) = (BatchId([1; 16]), BatchId([2; 16]));
+        assert_eq!(m.claim(&s, "c", &["a", "b"], &b1, 0), [true, true]);
+        assert_eq!(m.claim(&s, "c", &["x"], &b2, 0), [true]);
+        m.release(&s, "c", &["a", "x"], &b1);
+        assert_eq!(m.claim(&s, "c", &["a"], &b2, 1), [true], "released");
+        assert_eq!(m.claim(&s, "c", &["b"], &b2, 1), [false], "kept");
+        assert_eq!(m.claim(&s, "c", &["x"], &b1, 1), [false], "b2's, not b1's");
+    }
+
+    #[test]
+    fn a_full_store_keeps_remembering_new_ids() {
+        let (m, s) = memory(200_000);
+        let (b1, b2) = (BatchId([1; 16]), BatchId([2; 16]));
+        let ids: Vec<String> = (0..200_000).map(|i| format!("id-{i}")).collect();
+        for chunk in ids.chunks(1000) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            m.claim(&s, "c", &refs, &b1, 0);
+        }
+        assert_eq!(m.lock().len(), 200_000);
+        let more: Vec<String> = (0..20_000).map(|i| format!("new-{i}")).collect();
+        let refs: Vec<&str> = more.iter().map(String::as_str).collect();
+        assert!(m.claim(&s, "c", &refs, &b1, 1).iter().all(|k| *k));
+        assert_eq!(m.lock().len(), 200_000);
+        // Sent again by another batch: duplicates, every one.
+        assert!(m.claim(&s, "c", &refs, &b2, 2).iter().all(|k| !*k));
     }
 
     #[test]

@@ -7,18 +7,28 @@
 //! A sink that is unavailable is retried with exponential backoff and full
 //! jitter, without blaming any batch (nothing is dead-lettered because a
 //! database was down). A write a sink rejects for its data
-//! ([`SinkError::Rejected`]) is made again row by row at once; one it
-//! refuses without blaming data or itself ([`SinkError::Refused`]) is
-//! retried `delivery.max_attempts` times first. Either way only the rows
-//! refused alone go to the spool's dead letters with the reason, so one
-//! poison row does not hold up its share of the backlog; frames that no
-//! longer decode go there too.
+//! ([`SinkError::Rejected`]) is narrowed down at once by writing it again
+//! in halves, and the halves that fail in halves again, so `k` bad rows
+//! among `n` cost about `2k·log2(n)` writes, not `n`; one it refuses
+//! without blaming data or itself ([`SinkError::Refused`]) is retried
+//! `delivery.max_attempts` times first. Either way only the rows refused
+//! alone go to the spool's dead letters with the reason, so one poison row
+//! does not hold up its share of the backlog; frames that no longer decode
+//! go there too. A dead-lettered row gives its dedup claim back, so the
+//! client's corrected re-send with the same event id is stored.
+//!
+//! Only the events ingest accepted are claimed and written, by ingest's
+//! own verdict: an event acknowledged under the limits of the day it
+//! arrived is delivered even if the limits were tightened since (spool
+//! rows from before verdicts were kept are judged again, and the events
+//! that fail now are dead-lettered with the reason, never dropped
+//! silently).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_shared::frame::{self, FrameError, FrameLimits};
-use outpost_shared::validate::{Limits, validate_event};
+use outpost_shared::validate::{Limits, fill_defaults, validate_event};
 use tokio::sync::watch;
 
 use crate::config::DeliveryConfig;
@@ -137,17 +147,17 @@ pub async fn run<S: Sink>(
             }
             continue;
         }
-        let narrow = ctx.config.max_attempts > 0 && refusals >= ctx.config.max_attempts;
-        if narrow {
+        let narrowing = ctx.config.max_attempts > 0 && refusals >= ctx.config.max_attempts;
+        if narrowing {
             tracing::warn!(
                 sink = name,
                 tries = refusals,
                 batches = due.len(),
-                "writes keep being refused; writing row by row"
+                "writes keep being refused; narrowing them down by halves"
             );
             refusals = 0;
         }
-        match deliver(&sink, &ctx, &due, narrow).await {
+        match deliver(&sink, &ctx, &due, narrowing).await {
             Ok(()) => {
                 backoff.failures = 0;
                 refusals = 0;
@@ -172,20 +182,38 @@ pub async fn run<S: Sink>(
     }
 }
 
-/// Writes each row on its own and returns the ones the sink refused, by
-/// index, with the reason; an outage stops the lot (to be retried).
-async fn write_row_by_row<S: Sink>(
-    sink: &S,
-    rows: &[Row<'_>],
-) -> Result<Vec<(usize, String)>, SinkError> {
+/// Narrows a write the sink refused down to the rows it refuses on their
+/// own: writes each half of `rows`, and each half that fails in halves
+/// again, down to single rows. Returns the refused rows by index with the
+/// reason; an outage stops the lot (to be retried). Every sink write is
+/// idempotent, so a half written before a failure is harmless to repeat.
+async fn narrow<S: Sink>(sink: &S, rows: &[Row<'_>]) -> Result<Vec<(usize, String)>, SinkError> {
     let mut refused = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        match sink.write(std::slice::from_ref(row)).await {
+    let halves = |start: usize, end: usize| {
+        let mid = start + (end - start) / 2;
+        [(start, mid), (mid, end)]
+    };
+    let mut todo: Vec<(usize, usize)> = Vec::new();
+    if rows.len() == 1 {
+        todo.push((0, 1));
+    } else if !rows.is_empty() {
+        // The whole write already failed: start from its halves. The stack
+        // takes the first half last, so it is written first.
+        todo.extend(halves(0, rows.len()).into_iter().rev());
+    }
+    while let Some((start, end)) = todo.pop() {
+        match sink.write(&rows[start..end]).await {
             Ok(()) => {}
-            Err(SinkError::Rejected(why) | SinkError::Refused(why)) => refused.push((i, why)),
+            Err(SinkError::Rejected(why) | SinkError::Refused(why)) if end - start == 1 => {
+                refused.push((start, why));
+            }
+            Err(SinkError::Rejected(_) | SinkError::Refused(_)) => {
+                todo.extend(halves(start, end).into_iter().rev());
+            }
             Err(e @ SinkError::Unavailable(_)) => return Err(e),
         }
     }
+    refused.sort_by_key(|(i, _)| *i);
     Ok(refused)
 }
 
@@ -197,18 +225,48 @@ struct Decoded {
     geo: Option<Arc<Geo>>,
 }
 
-/// Decodes a spooled frame and validates its events as ingest did (the
-/// same limits, the same arrival time): what the hand-off would have held.
-fn check(bytes: &[u8], ctx: &DeliveryContext) -> Result<Checked, FrameError> {
+/// Decodes a spooled frame into what the hand-off would have held: the
+/// events ingest accepted, by its `verdict`, with the defaults validation
+/// fills in (the same arrival time). Without a verdict (a batch spooled
+/// before verdicts were kept) the events are judged again with today's
+/// limits; those that fail are returned with the reason, to dead-letter.
+fn check(
+    bytes: &[u8],
+    verdict: Option<&[bool]>,
+    ctx: &DeliveryContext,
+) -> Result<(Checked, Vec<(usize, String)>), FrameError> {
     let mut frame = frame::decode_verified(bytes, &ctx.frame_limits)?;
     let received_at = frame.batch.facts.received_at;
-    let valid = frame
-        .batch
-        .events
-        .iter_mut()
-        .map(|e| validate_event(e, &ctx.limits, received_at).is_ok())
-        .collect();
-    Ok(Checked::new(frame, valid))
+    let events = &mut frame.batch.events;
+    let mut refused_now = Vec::new();
+    let valid = match verdict.filter(|v| v.len() == events.len()) {
+        Some(v) => {
+            for (e, ok) in events.iter_mut().zip(v) {
+                if *ok {
+                    fill_defaults(e, received_at);
+                }
+            }
+            v.to_vec()
+        }
+        None => events
+            .iter_mut()
+            .enumerate()
+            .map(|(i, e)| match validate_event(e, &ctx.limits, received_at) {
+                Ok(()) => true,
+                Err(err) => {
+                    refused_now.push((
+                        i,
+                        format!(
+                            "refused on redelivery by today's limits: {} ({})",
+                            err.message, err.code
+                        ),
+                    ));
+                    false
+                }
+            })
+            .collect(),
+    };
+    Ok((Checked::new(frame, valid), refused_now))
 }
 
 /// The spool failing is not the data's fault: retried like an outage.
@@ -216,21 +274,30 @@ fn spool_error(e: sqlx::Error) -> SinkError {
     SinkError::Unavailable(format!("spool: {e}"))
 }
 
-/// Delivers `due` in one write, or with `row_by_row` one row per write.
+/// A row that goes to dead letters, and the claim it gives back.
+struct Refused<'r> {
+    row: &'r Row<'r>,
+    reason: String,
+}
+
+/// Delivers `due` in one write, or with `narrowing` by halves from the
+/// start (the sink keeps refusing the whole).
 async fn deliver<S: Sink>(
     sink: &S,
     ctx: &DeliveryContext,
     due: &[Pending],
-    row_by_row: bool,
+    narrowing: bool,
 ) -> Result<(), SinkError> {
     let name = sink.name();
     let now = now_ms();
     let mut decoded = Vec::with_capacity(due.len());
     let mut done = Vec::with_capacity(due.len());
+    // Events refused on redelivery, per decoded batch: (batch, index, why).
+    let mut refused_now: Vec<(usize, usize, String)> = Vec::new();
     for p in due {
         let source = match p.batch {
             Spooled::Checked(_) => "handoff",
-            Spooled::Frame(_) => "spool",
+            Spooled::Frame(..) => "spool",
         };
         ctx.metrics
             .delivery_batches
@@ -238,8 +305,11 @@ async fn deliver<S: Sink>(
             .inc();
         let checked = match &p.batch {
             Spooled::Checked(c) => c.clone(),
-            Spooled::Frame(bytes) => match check(bytes, ctx) {
-                Ok(c) => Arc::new(c),
+            Spooled::Frame(bytes, verdict) => match check(bytes, verdict.as_deref(), ctx) {
+                Ok((c, refused)) => {
+                    refused_now.extend(refused.into_iter().map(|(i, why)| (decoded.len(), i, why)));
+                    Arc::new(c)
+                }
                 Err(e) => {
                     // It decoded when it was accepted; failing now means the
                     // spool file was damaged. Keep the bytes for an operator.
@@ -252,9 +322,14 @@ async fn deliver<S: Sink>(
                         event_id: None,
                         error: &error,
                         payload: bytes,
+                        facts: None,
+                        edge_id: None,
                         at_ms: now,
                     };
-                    ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;
+                    ctx.spool
+                        .dead_letter(std::slice::from_ref(&letter))
+                        .await
+                        .map_err(spool_error)?;
                     ctx.metrics
                         .sink_dead_letters
                         .get_or_create(&SinkLabel { sink: name })
@@ -272,6 +347,9 @@ async fn deliver<S: Sink>(
             .client_ip
             .as_deref()
             .and_then(|ip| ctx.geoip.lookup(ip));
+        // Only the events ingest accepted are claimed: an id it refused was
+        // never stored, and the client's corrected re-send must not be
+        // taken for a duplicate.
         let fresh = checked
             .claims
             .get_or_init(|| {
@@ -279,7 +357,9 @@ async fn deliver<S: Sink>(
                     .batch
                     .events
                     .iter()
-                    .map(|e| e.event_id.as_str())
+                    .zip(&checked.valid)
+                    .filter(|(_, v)| **v)
+                    .map(|(e, _)| e.event_id.as_str())
                     .collect();
                 async move {
                     ctx.dedup
@@ -294,11 +374,11 @@ async fn deliver<S: Sink>(
                 }
             })
             .await;
+        let mut fresh = fresh.iter();
         let keep = checked
             .valid
             .iter()
-            .zip(fresh)
-            .map(|(v, f)| *v && *f)
+            .map(|v| *v && fresh.next().copied().unwrap_or(true))
             .collect();
         decoded.push(Decoded {
             seq: p.seq,
@@ -327,42 +407,102 @@ async fn deliver<S: Sink>(
                 })
         })
         .collect();
-    let rejected = if row_by_row {
-        write_row_by_row(sink, &rows).await?
+    let rejected = if narrowing {
+        narrow(sink, &rows).await?
     } else {
         match sink.write(&rows).await {
             Ok(()) => Vec::new(),
             Err(SinkError::Rejected(why)) => {
-                tracing::warn!(sink = name, rows = rows.len(), error = %why, "the sink rejected the data; writing row by row");
-                write_row_by_row(sink, &rows).await?
+                tracing::warn!(sink = name, rows = rows.len(), error = %why, "the sink rejected the data; narrowing it down by halves");
+                narrow(sink, &rows).await?
             }
             Err(e) => return Err(e),
         }
     };
-    for (i, reason) in &rejected {
-        let row = &rows[*i];
-        let payload = serde_json::to_vec(row.event).unwrap_or_default();
-        let letter = DeadLetter {
+    let mut refused: Vec<Refused<'_>> = rejected
+        .into_iter()
+        .map(|(i, reason)| Refused {
+            row: &rows[i],
+            reason,
+        })
+        .collect();
+    // Events judged again (old spool rows) that fail today's limits.
+    let now_rows: Vec<Row<'_>> = refused_now
+        .iter()
+        .map(|(d, i, _)| {
+            let frame = &decoded[*d].checked.frame;
+            Row {
+                client_id: &frame.batch.client_id,
+                batch_id: &frame.header.batch_id,
+                edge_id: &frame.header.edge_id,
+                facts: &frame.batch.facts,
+                event: &frame.batch.events[*i],
+                geo: None,
+            }
+        })
+        .collect();
+    refused.extend(
+        now_rows
+            .iter()
+            .zip(&refused_now)
+            .map(|(row, (_, _, why))| Refused {
+                row,
+                reason: why.clone(),
+            }),
+    );
+    let payloads: Vec<(Vec<u8>, String)> = refused
+        .iter()
+        .map(|r| {
+            (
+                serde_json::to_vec(r.row.event).unwrap_or_default(),
+                serde_json::to_string(r.row.facts).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let letters: Vec<DeadLetter<'_>> = refused
+        .iter()
+        .zip(&payloads)
+        .map(|(r, (payload, facts))| DeadLetter {
             sink: name,
-            batch_id: &row.batch_id.0,
-            client_id: row.client_id,
-            event_id: Some(&row.event.event_id),
-            error: reason,
-            payload: &payload,
+            batch_id: &r.row.batch_id.0,
+            client_id: r.row.client_id,
+            event_id: Some(&r.row.event.event_id),
+            error: &r.reason,
+            payload,
+            facts: Some(facts.clone()),
+            edge_id: Some(r.row.edge_id),
             at_ms: now,
-        };
-        ctx.spool.dead_letter(&letter).await.map_err(spool_error)?;
-        tracing::warn!(sink = name, client_id = row.client_id, event_id = %row.event.event_id, reason = %reason, "row dead-lettered");
+        })
+        .collect();
+    ctx.spool.dead_letter(&letters).await.map_err(spool_error)?;
+    for r in &refused {
+        tracing::warn!(sink = name, client_id = r.row.client_id, event_id = %r.row.event.event_id, reason = %r.reason, "row dead-lettered");
+    }
+    // The refused rows were not stored: their claims go back, so that the
+    // client's corrected re-send with the same ids is not a duplicate.
+    let mut by_batch: std::collections::BTreeMap<(&str, &[u8; 16]), Vec<&str>> =
+        std::collections::BTreeMap::new();
+    for r in &refused {
+        by_batch
+            .entry((r.row.client_id, &r.row.batch_id.0))
+            .or_default()
+            .push(&r.row.event.event_id);
+    }
+    for ((client, batch), ids) in by_batch {
+        ctx.dedup
+            .release(client, &ids, &outpost_shared::frame::BatchId(*batch))
+            .await;
     }
     let label = SinkLabel { sink: name };
+    let stored_refused = refused.len() - refused_now.len();
     ctx.metrics
         .sink_delivered_events
         .get_or_create(&label)
-        .inc_by((rows.len() - rejected.len()) as u64);
+        .inc_by((rows.len() - stored_refused) as u64);
     ctx.metrics
         .sink_dead_letters
         .get_or_create(&label)
-        .inc_by(rejected.len() as u64);
+        .inc_by(refused.len() as u64);
     done.extend(decoded.iter().map(|d| d.seq));
     ctx.spool.delivered(name, &done).await.map_err(spool_error)
 }
@@ -370,6 +510,102 @@ async fn deliver<S: Sink>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_shared::sample::typical_batch;
+    use std::sync::Mutex;
+
+    /// A sink that refuses every write holding one of the `poison` rows
+    /// (by event index), and counts its writes.
+    struct PickySink {
+        poison: Vec<usize>,
+        writes: Mutex<u32>,
+    }
+
+    impl Sink for PickySink {
+        fn name(&self) -> &'static str {
+            "picky"
+        }
+        async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
+            *self.writes.lock().unwrap() += 1;
+            let bad = rows
+                .iter()
+                .any(|r| self.poison.contains(&(r.event.seq.unwrap_or(0) as usize)));
+            if bad {
+                Err(SinkError::Rejected("bad row".into()))
+            } else {
+                Ok(())
+            }
+        }
+        async fn ping(&self) -> bool {
+            true
+        }
+    }
+
+    fn rows_of(batch: &outpost_shared::frame::Batch) -> Vec<Row<'_>> {
+        static ID: outpost_shared::frame::BatchId = outpost_shared::frame::BatchId([1; 16]);
+        batch
+            .events
+            .iter()
+            .map(|event| Row {
+                client_id: "c",
+                batch_id: &ID,
+                edge_id: "e",
+                facts: &batch.facts,
+                event,
+                geo: None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn narrowing_by_halves_finds_the_bad_rows_in_logarithmic_writes() {
+        let mut batch = typical_batch(16_000);
+        for (i, e) in batch.events.iter_mut().enumerate() {
+            e.seq = Some(i as u64);
+        }
+        let rows = rows_of(&batch);
+        for poison in [vec![0], vec![15_999], vec![7_777], vec![3, 9_000, 12_345]] {
+            let sink = PickySink {
+                poison: poison.clone(),
+                writes: Mutex::new(0),
+            };
+            let refused = narrow(&sink, &rows).await.unwrap();
+            let found: Vec<usize> = refused.iter().map(|(i, _)| *i).collect();
+            assert_eq!(found, poison);
+            let writes = *sink.writes.lock().unwrap();
+            // log2(16,000) is 14: two writes per level and bad row at most.
+            assert!(
+                writes <= 2 * 14 * poison.len() as u32 + 2,
+                "{writes} writes for {poison:?}"
+            );
+        }
+        let clean = PickySink {
+            poison: vec![],
+            writes: Mutex::new(0),
+        };
+        assert!(narrow(&clean, &rows).await.unwrap().is_empty());
+        assert_eq!(*clean.writes.lock().unwrap(), 2, "the two halves");
+    }
+
+    #[tokio::test]
+    async fn an_outage_while_narrowing_stops_it_for_a_retry() {
+        struct Down;
+        impl Sink for Down {
+            fn name(&self) -> &'static str {
+                "down"
+            }
+            async fn write(&self, _: &[Row<'_>]) -> Result<(), SinkError> {
+                Err(SinkError::Unavailable("gone".into()))
+            }
+            async fn ping(&self) -> bool {
+                false
+            }
+        }
+        let batch = typical_batch(8);
+        assert!(matches!(
+            narrow(&Down, &rows_of(&batch)).await,
+            Err(SinkError::Unavailable(_))
+        ));
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {

@@ -26,10 +26,11 @@ pub struct Checked {
     pub valid: Vec<bool>,
     /// About how much memory it holds, in bytes.
     pub bytes: u64,
-    /// Per event: whether dedup let it through, once the first sink to
-    /// take the batch has claimed its ids. The other sinks take the same
-    /// answer instead of asking Redis again (which would answer the same:
-    /// the keys hold this batch's id), so all sinks drop the same events.
+    /// Per valid event, in order: whether dedup let it through, once the
+    /// first sink to take the batch has claimed their ids (invalid events
+    /// are never claimed). The other sinks take the same answer instead of
+    /// asking Redis again (which would answer the same: the keys hold this
+    /// batch's id), so all sinks drop the same events.
     pub claims: tokio::sync::OnceCell<Vec<bool>>,
 }
 

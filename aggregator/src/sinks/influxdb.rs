@@ -12,6 +12,15 @@
 //! * timestamp — nanoseconds: the event's millisecond plus a value derived
 //!   from its event id, so that two events with the same tags in the same
 //!   millisecond stay two points, and a replayed event overwrites itself.
+//!
+//! No value can break a line, whatever validation let through: the
+//! builder escapes commas, spaces, `=` and backslashes; a line break or
+//! other control character, which line protocol cannot carry in a key or
+//! tag at all, becomes a space in a tag value, and a property whose key
+//! holds one (or ends with a backslash, which readers refuse) is left out
+//! of the point (validation refuses control characters with `40017`; this
+//! is the second line of defence). The measurement name is checked when
+//! the configuration is.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -185,6 +194,9 @@ impl InfluxSink {
             }
             let mut fields = line.field("count", 1i64);
             for (k, v) in &e.properties {
+                if !writable_key(k) {
+                    continue;
+                }
                 if let Some(n) = v.as_f64().filter(|n| n.is_finite()) {
                     key.clear();
                     key.push_str("p_");
@@ -226,6 +238,27 @@ impl InfluxSink {
             String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
         ))
     }
+}
+
+/// A control character: line protocol has no escape for a line break.
+fn has_control(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == 0x7f)
+}
+
+/// Whether a property key can be a field key: no control character, and
+/// no trailing backslash (line protocol's readers refuse a key ending in
+/// one, escaped or not).
+fn writable_key(k: &str) -> bool {
+    !has_control(k) && !k.ends_with('\\')
+}
+
+/// `influxdb.measurement` must be a name line protocol can carry.
+pub fn check_measurement(m: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !m.is_empty() && !has_control(m) && !m.starts_with('_'),
+        "influxdb.measurement {m:?}: not empty, no control characters, not starting with `_`"
+    );
+    Ok(())
 }
 
 /// Tag values cannot hold line breaks, and a trailing backslash would
@@ -389,6 +422,101 @@ mod tests {
     fn tag_values_cannot_break_the_line() {
         assert_eq!(tag_value("a\nb\\"), "a b");
         assert_eq!(tag_value("\t"), "");
+    }
+
+    /// Rows straight to the sink, as if validation had let anything
+    /// through: every line still parses, one point per row, and each
+    /// field and tag is what it was meant to be.
+    #[test]
+    fn no_value_breaks_a_line_whatever_validation_allowed() {
+        let hostile_keys = [
+            "a\nb",
+            "c\r\nd",
+            "tab\tkey",
+            "del\u{7f}",
+            "nul\u{0}",
+            "back\\",
+            "a=b",
+            "a,b",
+            "a b",
+            "\"quoted\"",
+            "ünï",
+            "\u{2028}sep",
+            "",
+        ];
+        let mut batch = typical_batch(3);
+        for e in &mut batch.events {
+            e.properties.clear();
+            for (i, k) in hostile_keys.iter().enumerate() {
+                e.properties.insert((*k).to_owned(), (i as f64).into());
+            }
+            e.name = Some("evil\nname,x=1 y".into());
+            e.context.platform = Some("web\\".into());
+            e.context.app_version = Some("1.0\r\n2".into());
+        }
+        let id = outpost_shared::frame::BatchId([1; 16]);
+        let rows: Vec<Row<'_>> = batch
+            .events
+            .iter()
+            .map(|event| Row {
+                client_id: "acme-web",
+                batch_id: &id,
+                edge_id: "e",
+                facts: &batch.facts,
+                event,
+                geo: None,
+            })
+            .collect();
+        let text = String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        let parsed: Vec<_> = influxdb_line_protocol::parse_lines(&text)
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(parsed.len(), 3);
+        for line in &parsed {
+            assert_eq!(line.series.measurement.as_str(), "outpost_events");
+            let tags: Vec<(String, String)> = line
+                .series
+                .tag_set
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert!(
+                tags.contains(&("name".into(), "evil name,x=1 y".into())),
+                "{tags:?}"
+            );
+            let keys: Vec<String> = line.field_set.iter().map(|(k, _)| k.to_string()).collect();
+            for clean in [
+                "p_a=b",
+                "p_a,b",
+                "p_a b",
+                "p_\"quoted\"",
+                "p_ünï",
+                "p_\u{2028}sep",
+                "p_",
+            ] {
+                assert!(keys.contains(&clean.to_owned()), "{clean} in {keys:?}");
+            }
+            assert!(
+                keys.iter()
+                    .all(|k| !k.bytes().any(|b| b < 0x20 || b == 0x7f) && !k.ends_with('\\')),
+                "{keys:?}"
+            );
+            assert_eq!(
+                keys.len(),
+                1 + 7,
+                "count and the seven writable keys: {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_measurement_name_must_be_writable() {
+        assert!(check_measurement("outpost_events").is_ok());
+        for bad in ["", "a\nb", "_internal"] {
+            assert!(check_measurement(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
