@@ -17,10 +17,12 @@ use crate::dedup::Dedup;
 use crate::delivery::{self, DeliveryContext};
 use crate::geoip::GeoIp;
 use crate::http::{AppState, router};
+use crate::limits::{BoundedKv, READ_LIMIT_ENTRIES};
+use crate::server::Listener;
 use crate::sinks::influxdb::InfluxSink;
 use crate::sinks::postgres::PostgresSink;
 use crate::sinks::sqlite::SqliteSink;
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolOptions};
 use crate::telemetry::Metrics;
 
 /// Longest the sink workers may keep draining after a shutdown signal.
@@ -66,27 +68,26 @@ pub async fn serve_until(
     } else {
         None
     };
+    // The read API and client lookups get their own pool, every statement
+    // bounded by `read_api.statement_timeout_ms`: a costly query is cut
+    // off, and it cannot take the sink's connections.
     let db = match (&postgres, &sqlite) {
-        (Some(pg), _) => Some(Db::Postgres(pg.pool().clone())),
+        (Some(_), _) => Some(Db::Postgres(crate::db::read_pool(
+            &config.postgres,
+            config.read_api.statement_timeout_ms,
+        )?)),
         (None, Some(lite)) => Some(Db::Sqlite(lite.pool().clone())),
         (None, None) => None,
     };
-    let mut sinks = Vec::new();
-    if postgres.is_some() {
-        sinks.push("postgres");
-    }
-    if sqlite.is_some() {
-        sinks.push("sqlite");
-    }
-    if influx.is_some() {
-        sinks.push("influxdb");
-    }
     let spool = Spool::open(
         &config.spool.path,
-        config.spool.max_bytes,
-        config.spool.max_frames_per_commit,
-        config.delivery.handoff_max_bytes,
-        sinks,
+        &SpoolOptions {
+            max_bytes: config.spool.max_bytes,
+            max_frames_per_commit: config.spool.max_frames_per_commit,
+            handoff_max_bytes: config.delivery.handoff_max_bytes,
+            dead_letters_max_bytes: config.spool.dead_letters_max_bytes,
+        },
+        config.sink_names(),
         metrics.clone(),
     )
     .await
@@ -128,15 +129,33 @@ pub async fn serve_until(
         frame_limits: config.server.frame,
         limits: config.limits.clone(),
         spool,
-        metrics,
+        metrics: metrics.clone(),
         registry,
         dedup,
         clients: db
             .as_ref()
             .map(|db| ClientStore::new(db.clone(), secrets_key.clone())),
+        // Per-caller and per-address limits of the read API (this instance
+        // only), in a bounded map: addresses are the caller's to choose.
+        read_limits: BoundedKv::new(READ_LIMIT_ENTRIES),
+        read_ip_limit: (config.read_api.ip_requests_per_minute > 0).then_some(
+            outpost_shared::ratelimit::RateLimit {
+                limit: config.read_api.ip_requests_per_minute,
+                period_secs: 60,
+            },
+        ),
+        lookup_limit: (config.server.client_lookups_per_minute > 0).then_some(
+            outpost_shared::ratelimit::RateLimit {
+                limit: config.server.client_lookups_per_minute,
+                period_secs: 60,
+            },
+        ),
+        read_api: config.read_api.clone(),
+        trusted_proxies: outpost_edge::net::NetList::parse(
+            config.server.trusted_proxies.iter().map(String::as_str),
+        )?,
         // Cursors are signed with a key derived from the first edge key:
         // rotating it invalidates outstanding cursors, nothing else.
-        read_limits: outpost_shared::kv::MemoryKv::default(),
         cursor_key: crate::query::CursorKey::derive(
             config
                 .edge_keys
@@ -148,15 +167,18 @@ pub async fn serve_until(
         influx,
         retry_after_secs: config.server.retry_after_secs,
         request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            config.server.max_concurrent_requests,
+        )),
     });
     let app = router(state);
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("binding {}", config.server.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, "outpost aggregator listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let listener = Listener::bind(&config.server).await?;
+    tracing::info!(
+        listen = %listener.tcp.local_addr()?,
+        tls = listener.tls.is_some(),
+        "outpost aggregator listening"
+    );
+    crate::server::serve(listener, app, metrics, shutdown).await?;
 
     tracing::info!("no longer accepting; draining sink workers");
     let _ = stop_tx.send(true);

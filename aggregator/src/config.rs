@@ -42,6 +42,8 @@ pub struct Config {
     pub geoip: GeoIpConfig,
     /// Event validation limits; keep them equal to the edge's.
     pub limits: Limits,
+    /// Cost limits of the read API (`/v1/events`, `/v1/stats`).
+    pub read_api: ReadApiConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -58,6 +60,22 @@ pub struct ServerConfig {
     pub retry_after_secs: u32,
     /// Longest a request may take before it is answered `503`, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Time a connection has to send a request's headers (also between
+    /// requests on a kept-alive connection), in milliseconds.
+    pub header_timeout_ms: u64,
+    /// Most open connections; past it the oldest idle one is closed.
+    pub max_connections: usize,
+    /// Most requests handled at once (health and metrics not counted);
+    /// past it `503` + `Retry-After`.
+    pub max_concurrent_requests: usize,
+    /// Proxies (IPs/CIDRs) whose `X-Forwarded-For` names the client, for
+    /// the read API's per-address limit.
+    pub trusted_proxies: Vec<String>,
+    /// Client-record lookups each edge key may make per minute
+    /// (`/internal/v1/clients/{id}`; past it `503`); `0`: no bound.
+    pub client_lookups_per_minute: u32,
+    /// TLS for the listener (off unless both files are set).
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +85,66 @@ impl Default for ServerConfig {
             frame: FrameLimits::default(),
             retry_after_secs: 5,
             request_timeout_ms: 10_000,
+            header_timeout_ms: 10_000,
+            max_connections: 4096,
+            max_concurrent_requests: 512,
+            trusted_proxies: Vec::new(),
+            client_lookups_per_minute: 60_000,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; TLS is on when this and `key_path` are set.
+    pub cert_path: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
+    /// How often the files are checked for a new certificate, in seconds.
+    pub reload_check_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            reload_check_secs: 60,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty() || !self.key_path.as_os_str().is_empty()
+    }
+}
+
+/// `[read_api]`: what one query may cost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadApiConfig {
+    /// Requests per minute from one address, checked before the caller is
+    /// authenticated (`0`: off).
+    pub ip_requests_per_minute: u32,
+    /// PostgreSQL `statement_timeout` of every read query, in milliseconds.
+    pub statement_timeout_ms: u64,
+    /// Longest `to - from` of a query that reads rows instead of rollups
+    /// (`/v1/stats` with `users=true` or filters the rollups cannot
+    /// answer), in seconds.
+    pub max_scan_span_secs: u64,
+}
+
+impl Default for ReadApiConfig {
+    fn default() -> Self {
+        ReadApiConfig {
+            ip_requests_per_minute: 600,
+            statement_timeout_ms: 10_000,
+            max_scan_span_secs: 7 * 86_400,
         }
     }
 }
@@ -81,6 +159,9 @@ pub struct SpoolConfig {
     pub max_bytes: u64,
     /// Most frames committed (one fsync) together.
     pub max_frames_per_commit: usize,
+    /// Size bound of the dead letters kept (their payloads); past it the
+    /// oldest are dropped.
+    pub dead_letters_max_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -89,6 +170,7 @@ impl Default for SpoolConfig {
             path: PathBuf::from("data/spool.db"),
             max_bytes: 1 << 30,
             max_frames_per_commit: 256,
+            dead_letters_max_bytes: 64 << 20,
         }
     }
 }
@@ -249,8 +331,15 @@ impl Default for LogConfig {
 const ENV_PREFIX: &str = "OUTPOST_";
 const SECTIONS: &[&str] = &[
     "server", "spool", "delivery", "dedup", "postgres", "sqlite", "influxdb", "geoip", "limits",
-    "log",
+    "read_api", "log",
 ];
+
+/// Tables inside a section, reached with one more name segment
+/// (`OUTPOST_SERVER_TLS_CERT_PATH`).
+const NESTED: &[(&str, &str)] = &[("server", "frame"), ("server", "tls")];
+
+/// Keys whose value is a list (comma-separated in the environment).
+const LISTS: &[&str] = &["redis_urls", "trusted_proxies"];
 
 impl Config {
     /// Loads `path` (if given), applies the environment, checks the result.
@@ -308,7 +397,40 @@ impl Config {
         if self.dedup.backend == DedupBackend::Redis && self.dedup.redis_urls.is_empty() {
             bail!("dedup.backend = \"redis\" needs dedup.redis_urls");
         }
+        // Ingest would acknowledge batches that go nowhere.
+        if self.sink_names().is_empty() {
+            bail!(
+                "no sink is enabled: turn on [postgres], [sqlite] or [influxdb] (ingest would acknowledge events that go nowhere)"
+            );
+        }
+        let tls = &self.server.tls;
+        if tls.enabled()
+            && (tls.cert_path.as_os_str().is_empty() || tls.key_path.as_os_str().is_empty())
+        {
+            bail!("[server.tls] needs both cert_path and key_path");
+        }
+        outpost_edge::net::NetList::parse(self.server.trusted_proxies.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("server.trusted_proxies: {e}"))?;
+        if self.server.max_connections == 0 || self.server.max_concurrent_requests == 0 {
+            bail!("server.max_connections and server.max_concurrent_requests must be at least 1");
+        }
+        crate::sinks::influxdb::check_measurement(&self.influxdb.measurement)?;
         Ok(())
+    }
+
+    /// The sinks this configuration enables, by name.
+    pub fn sink_names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.postgres.enabled {
+            names.push("postgres");
+        }
+        if self.sqlite.enabled {
+            names.push("sqlite");
+        }
+        if self.influxdb.enabled {
+            names.push("influxdb");
+        }
+        names
     }
 
     /// The edge key ring.
@@ -366,26 +488,38 @@ fn apply_env(
         let toml::Value::Table(section_table) = entry else {
             bail!("[{section}] in the config file is not a table");
         };
-        let parsed = if key.ends_with("_urls") {
+        // Nested tables (server.frame) use one more segment: OUTPOST_SERVER_FRAME_MAX_EVENTS.
+        let nested = NESTED.iter().find_map(|(sec, table)| {
+            (*sec == section)
+                .then(|| key.strip_prefix(table).and_then(|k| k.strip_prefix('_')))
+                .flatten()
+                .map(|inner| (*table, inner.to_owned()))
+        });
+        let leaf = nested.as_ref().map_or(key.as_str(), |(_, k)| k.as_str());
+        let parsed = if LISTS.contains(&leaf) {
             toml::Value::Array(
                 value
                     .split(',')
-                    .map(|s| toml::Value::String(s.trim().to_owned()))
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_owned()))
                     .collect(),
             )
         } else {
             scalar(&value)
         };
-        // Nested tables (server.frame) use one more segment: OUTPOST_SERVER_FRAME_MAX_EVENTS.
-        if let Some(inner_key) = key.strip_prefix("frame_") {
-            let frame = section_table
-                .entry("frame")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let toml::Value::Table(t) = frame {
-                t.insert(inner_key.to_owned(), parsed);
+        match nested {
+            Some((table, inner_key)) => {
+                let t = section_table
+                    .entry(table)
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(t) = t {
+                    t.insert(inner_key, parsed);
+                }
             }
-        } else {
-            section_table.insert(key, parsed);
+            None => {
+                section_table.insert(key, parsed);
+            }
         }
     }
     Ok(())

@@ -44,3 +44,18 @@ pub async fn open(config: &crate::config::Config) -> anyhow::Result<Db> {
         Ok(Db::Postgres(sink.pool().clone()))
     }
 }
+
+/// A PostgreSQL pool for reads (the read API, client records) whose every
+/// statement is cut off after `statement_timeout_ms`.
+pub fn read_pool(
+    config: &crate::config::PostgresConfig,
+    statement_timeout_ms: u64,
+) -> anyhow::Result<PgPool> {
+    use std::str::FromStr as _;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&config.url.0)?
+        .options([("statement_timeout", statement_timeout_ms.to_string())]);
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy_with(options))
+}

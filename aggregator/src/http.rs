@@ -1,17 +1,24 @@
 //! The aggregator's HTTP surface: `POST /v1/ingest`, health and metrics.
 //! Every error answer is the shared envelope with a stable code, and every
-//! answer carries `X-Request-Id`.
+//! answer carries `X-Request-Id` (the caller's when it is sane: one layer
+//! sets it on every route). Every route but health and metrics counts
+//! against `server.max_concurrent_requests` (past it: `503` +
+//! `Retry-After`, at once) and is cut off after `server.request_timeout_ms`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use outpost_shared::error::AcceptedResponse;
 use outpost_shared::frame::{self, FrameLimits, KeyRing};
+use outpost_shared::seal::{
+    PURPOSE_CLIENT_RECORD, SEALED_RECORD_CONTENT_TYPE, SealKey, client_record_context,
+};
 use outpost_shared::validate::{Limits, validate_event};
 use outpost_shared::{ErrorCode, ErrorEnvelope, FieldError};
 use prometheus_client::registry::Registry;
@@ -56,15 +63,30 @@ pub struct AppState {
     pub clients: Option<ClientStore>,
     /// Signs query cursors.
     pub cursor_key: crate::query::CursorKey,
-    /// Per-caller rate-limit state of the read API (this instance only).
-    pub read_limits: outpost_shared::kv::MemoryKv,
+    /// Per-address and per-caller rate-limit state of the read API (this
+    /// instance only, bounded).
+    pub read_limits: crate::limits::BoundedKv,
+    /// The read API's per-address limit, before authentication.
+    pub read_ip_limit: Option<outpost_shared::ratelimit::RateLimit>,
+    /// Client-record lookups per edge key.
+    pub lookup_limit: Option<outpost_shared::ratelimit::RateLimit>,
+    /// The read API's cost limits.
+    pub read_api: crate::config::ReadApiConfig,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: outpost_edge::net::NetList,
     /// The InfluxDB sink, when enabled (for readiness).
     pub influx: Option<InfluxSink>,
     /// `Retry-After` on `503`.
     pub retry_after_secs: u32,
-    /// Longest an ingest request may take (a stuck disk must not hang clients).
+    /// Longest a request may take (a stuck disk must not hang clients).
     pub request_timeout: std::time::Duration,
+    /// Requests being handled, bounded by `server.max_concurrent_requests`.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// The request id of a request, as the first layer settled it.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
 
 /// The router, and `/openapi.json` describing exactly its routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -83,7 +105,75 @@ pub fn router(state: Arc<AppState>) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), bounded))
+        .layer(axum::middleware::from_fn(with_request_ids))
         .with_state(state)
+}
+
+/// Settles the request id (the caller's when sane, else a new one), hands
+/// it to the handler, and puts it on the answer if the handler did not.
+async fn with_request_ids(mut req: Request, next: axum::middleware::Next) -> Response {
+    let id = request_id(req.headers());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if !resp.headers().contains_key(REQUEST_ID)
+        && let Ok(v) = HeaderValue::from_str(&id)
+    {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// Health and metrics stay answerable under any load.
+fn exempt(path: &str) -> bool {
+    path.starts_with("/health/") || path == "/metrics"
+}
+
+/// The concurrency bound and the time limit of every route.
+async fn bounded(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    if exempt(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let Ok(_permit) = app.in_flight.clone().try_acquire_owned() else {
+        app.metrics
+            .http_requests_shed
+            .get_or_create(&crate::telemetry::ReasonLabel {
+                reason: "concurrency",
+            })
+            .inc();
+        return error_response(
+            ErrorCode::Overloaded,
+            Some("too many requests in flight; retry later".into()),
+            &id,
+            Some(app.retry_after_secs),
+        );
+    };
+    // A second behind the ingest's own limit, which answers more precisely.
+    let limit = app.request_timeout + std::time::Duration::from_secs(1);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            app.metrics
+                .http_requests_shed
+                .get_or_create(&crate::telemetry::ReasonLabel { reason: "timeout" })
+                .inc();
+            error_response(
+                ErrorCode::Overloaded,
+                Some("the request took too long and was stopped; retry later".into()),
+                &id,
+                Some(app.retry_after_secs),
+            )
+        }
+    }
 }
 
 /// This API's OpenAPI 3.1 document.
@@ -124,7 +214,18 @@ pub fn error_response(
     request_id: &str,
     retry_after: Option<u32>,
 ) -> Response {
-    let mut env = ErrorEnvelope::new(code, request_id);
+    error_response_with(code, message, Vec::new(), request_id, retry_after)
+}
+
+/// An error answer in the shared envelope, with details.
+fn error_response_with(
+    code: ErrorCode,
+    message: Option<String>,
+    errors: Vec<FieldError>,
+    request_id: &str,
+    retry_after: Option<u32>,
+) -> Response {
+    let mut env = ErrorEnvelope::new(code, request_id).with_errors(errors);
     if let Some(m) = message {
         env = env.with_message(m);
     }
@@ -159,14 +260,19 @@ async fn ingest(State(app): State<Arc<AppState>>, req: Request) -> Response {
         Err(_) => Err((
             ErrorCode::Overloaded,
             Some("the request timed out; nothing was acknowledged".into()),
-        )),
+        )
+            .into()),
     };
     app.metrics
         .ingest_duration
         .observe(started.elapsed().as_secs_f64());
     match resp {
         Ok(r) => r,
-        Err((code, message)) => {
+        Err(IngestError {
+            code,
+            message,
+            errors,
+        }) => {
             app.metrics
                 .ingest_errors
                 .get_or_create(&CodeLabel { code: code.code() })
@@ -175,12 +281,41 @@ async fn ingest(State(app): State<Arc<AppState>>, req: Request) -> Response {
             if code.http_status() >= 500 {
                 tracing::warn!(request_id = %id, code = code.code(), message = message.as_deref().unwrap_or(""), "ingest failed");
             }
-            error_response(code, message, &id, retry)
+            error_response_with(code, message, errors, &id, retry)
         }
     }
 }
 
-type IngestError = (ErrorCode, Option<String>);
+/// Why an ingest was refused.
+struct IngestError {
+    code: ErrorCode,
+    message: Option<String>,
+    errors: Vec<FieldError>,
+}
+
+impl From<(ErrorCode, Option<String>)> for IngestError {
+    fn from((code, message): (ErrorCode, Option<String>)) -> IngestError {
+        IngestError {
+            code,
+            message,
+            errors: Vec::new(),
+        }
+    }
+}
+
+impl IngestError {
+    /// Every event failed validation: `400` listing each.
+    fn batch_rejected(errors: Vec<FieldError>) -> IngestError {
+        IngestError {
+            code: ErrorCode::BatchRejected,
+            message: Some(format!(
+                "none of the {} events was accepted; see errors",
+                errors.len()
+            )),
+            errors,
+        }
+    }
+}
 
 async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response, IngestError> {
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
@@ -192,7 +327,8 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
             return Err((
                 ErrorCode::UnsupportedMediaType,
                 Some(format!("send frames as {FRAME_CONTENT_TYPE}")),
-            ));
+            )
+                .into());
         }
     }
     if req
@@ -203,7 +339,8 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
         return Err((
             ErrorCode::UnsupportedContentEncoding,
             Some("frames carry their own compression".into()),
-        ));
+        )
+            .into());
     }
     let limit = app.frame_limits.max_frame_bytes;
     // Read at most one byte past the bound: an oversized body is refused
@@ -211,19 +348,20 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
     let bytes = axum::body::to_bytes(req.into_body(), limit + 1)
         .await
         .map_err(|_| {
-            (
+            IngestError::from((
                 ErrorCode::FrameTooLarge,
                 Some(format!("frames are at most {limit} bytes")),
-            )
+            ))
         })?;
     if bytes.len() > limit {
         return Err((
             ErrorCode::FrameTooLarge,
             Some(format!("frames are at most {limit} bytes")),
-        ));
+        )
+            .into());
     }
     let mut decoded = frame::decode(&bytes, &app.ring, &app.frame_limits)
-        .map_err(|e| (e.code(), Some(e.to_string())))?;
+        .map_err(|e| IngestError::from((e.code(), Some(e.to_string()))))?;
 
     let received_at = decoded.batch.facts.received_at;
     let mut rejected: Vec<FieldError> = Vec::new();
@@ -245,22 +383,31 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
     }
     let accepted = valid.len() - rejected.len();
     let batch_id = decoded.header.batch_id;
-    if accepted > 0 {
-        let entry = SpoolEntry {
-            batch_id: batch_id.0,
-            client_id: decoded.batch.client_id.clone(),
-            priority: i64::from(high),
-            event_count: i64::from(decoded.header.event_count),
-            frame: bytes.to_vec(),
-            received_at_ms: now_ms(),
-            // The sinks take the batch as validated here, not decoding the
-            // frame again (see `handoff`).
-            checked: app
-                .spool
-                .wants_checked()
-                .then(|| Arc::new(Checked::new(decoded, valid))),
-        };
-        app.spool.append(entry).await.map_err(|e| match e {
+    if accepted == 0 {
+        // Nothing to keep: not a success (a client must not believe
+        // anything was stored), and nothing to retry either.
+        app.metrics
+            .ingest_rejected_events
+            .inc_by(rejected.len() as u64);
+        return Err(IngestError::batch_rejected(rejected));
+    }
+    let entry = SpoolEntry {
+        batch_id: batch_id.0,
+        client_id: decoded.batch.client_id.clone(),
+        priority: i64::from(high),
+        event_count: i64::from(decoded.header.event_count),
+        frame: bytes.to_vec(),
+        received_at_ms: now_ms(),
+        valid: valid.clone(),
+        // The sinks take the batch as validated here, not decoding the
+        // frame again (see `handoff`).
+        checked: app
+            .spool
+            .wants_checked()
+            .then(|| Arc::new(Checked::new(decoded, valid))),
+    };
+    app.spool.append(entry).await.map_err(|e| {
+        IngestError::from(match e {
             SpoolError::Full => (
                 ErrorCode::Overloaded,
                 Some("the spool is full; retry later".into()),
@@ -269,8 +416,8 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
                 ErrorCode::DependencyUnavailable,
                 Some(format!("spool: {m}")),
             ),
-        })?;
-    }
+        })
+    })?;
     app.metrics.ingest_frames.inc();
     app.metrics.ingest_events.inc_by(accepted as u64);
     app.metrics
@@ -290,12 +437,13 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
     ))
 }
 
-/// A client record, for edges (which cache it). Carries the client's
-/// secrets: serve it to edges over HTTPS only.
+/// A client record, for edges (which cache it), sealed under a key
+/// derived from the edge key that signed the lookup (it carries the
+/// client's secrets; see `outpost_shared::seal`).
 #[utoipa::path(get, path = "/internal/v1/clients/{id}", tag = "ingest",
     params(("id" = String, Path, description = "Client id")),
     responses(
-        (status = 200, description = "The shared ClientRecord JSON", body = Object),
+        (status = 200, description = "The shared ClientRecord JSON, sealed (ChaCha20-Poly1305) under a key derived from the edge key, bound to the client id and the lookup's timestamp", content_type = "application/vnd.outpost.sealed-client", body = String),
         (status = 401, description = "Missing or bad edge signature", body = ErrorEnvelope),
         (status = 404, description = "No such client (40402)", body = ErrorEnvelope),
         (status = 503, description = "Client store unavailable", body = ErrorEnvelope)
@@ -336,6 +484,23 @@ async fn client_record(
     if let Err(code) = verify_edge_request(&app.ring, &signed, key_id, now_ms() / 1000) {
         return error_response(code, None, &id, None);
     }
+    // Each edge's lookups are bounded here too, atomically: the edges'
+    // own budget is best effort (their KV has no atomic update).
+    if let Some(limit) = &app.lookup_limit {
+        let key = format!("rl:lookup:{key_id}");
+        let now = now_ms();
+        if let Ok(d) = outpost_shared::ratelimit::check(&app.read_limits, &key, limit, now, 1).await
+            && !d.allowed
+        {
+            let retry = u32::try_from(d.retry_after_secs.unwrap_or(1)).unwrap_or(u32::MAX);
+            return error_response(
+                ErrorCode::Overloaded,
+                Some("too many client lookups from this edge key; retry later".into()),
+                &id,
+                Some(retry),
+            );
+        }
+    }
     let Some(store) = &app.clients else {
         return error_response(
             ErrorCode::DependencyUnavailable,
@@ -345,7 +510,27 @@ async fn client_record(
         );
     };
     match store.get(&client_id).await {
-        Ok(Some(record)) => with_request_id(axum::Json(record).into_response(), &id),
+        Ok(Some(record)) => {
+            // Sealed for the edge that asked, bound to this very lookup:
+            // the record's secrets never travel in clear, and an answer
+            // cannot be replayed to a later lookup.
+            let (Some(secret), Ok(ts)) = (app.ring.get(key_id), timestamp.parse::<i64>()) else {
+                return error_response(ErrorCode::InvalidEdgeSignature, None, &id, None);
+            };
+            let key = SealKey::derive(secret.expose(), PURPOSE_CLIENT_RECORD);
+            let plain = serde_json::to_vec(&record).unwrap_or_default();
+            let sealed = key.seal(
+                crate::clients::random_bytes::<12>(),
+                &client_record_context(&client_id, ts),
+                &plain,
+            );
+            let mut resp = Response::new(Body::from(sealed));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(SEALED_RECORD_CONTENT_TYPE),
+            );
+            with_request_id(resp, &id)
+        }
         Ok(None) => error_response(
             ErrorCode::ClientNotFound,
             Some(format!("no client {client_id:?}")),
@@ -390,10 +575,11 @@ type RawQuery =
     security(("bearer" = [])))]
 async fn list_events(
     State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     params: RawQuery,
 ) -> Response {
-    read_api(&app, &headers, params, ReadApi::Events).await
+    read_api(&app, peer, &headers, params, ReadApi::Events).await
 }
 
 /// Events (and distinct users) per time bucket and group. Needs `read:stats`.
@@ -408,12 +594,46 @@ async fn list_events(
         (status = 503, description = "Database unavailable", body = ErrorEnvelope)
     ),
     security(("bearer" = [])))]
-async fn stats(State(app): State<Arc<AppState>>, headers: HeaderMap, params: RawQuery) -> Response {
-    read_api(&app, &headers, params, ReadApi::Stats).await
+async fn stats(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    params: RawQuery,
+) -> Response {
+    read_api(&app, peer, &headers, params, ReadApi::Stats).await
 }
 
-async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: ReadApi) -> Response {
+/// A `429` with the limit's headers.
+fn rate_limited(code: ErrorCode, d: &outpost_shared::ratelimit::Decision, id: &str) -> Response {
+    let retry = u32::try_from(d.retry_after_secs.unwrap_or(1)).unwrap_or(u32::MAX);
+    let mut resp = error_response(code, None, id, Some(retry));
+    for (k, v) in d.headers() {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    resp
+}
+
+async fn read_api(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    params: RawQuery,
+    api: ReadApi,
+) -> Response {
     let id = request_id(headers);
+    let now = now_ms();
+    // Before anything costs a database lookup or a signature check.
+    if let Some(limit) = &app.read_ip_limit {
+        let ip = crate::server::client_ip(peer, headers, &app.trusted_proxies);
+        let key = format!("rl:read-ip:{ip}");
+        if let Ok(d) = outpost_shared::ratelimit::check(&app.read_limits, &key, limit, now, 1).await
+            && !d.allowed
+        {
+            return rate_limited(ErrorCode::RateLimitedIp, &d, &id);
+        }
+    }
     let (Some(store), Some(db)) = (&app.clients, &app.db) else {
         return error_response(
             ErrorCode::DependencyUnavailable,
@@ -433,7 +653,6 @@ async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: Re
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let now = now_ms();
     let who = match crate::query::caller(store, auth, now).await {
         Ok(who) => who,
         Err(crate::query::QueryError(code, message)) => {
@@ -447,24 +666,18 @@ async fn read_api(app: &AppState, headers: &HeaderMap, params: RawQuery, api: Re
     };
     // The caller's own rate limit, with the same GCRA as the edge.
     if let Some(limit) = &who.rate_limit {
-        app.read_limits.set_now_ms(now);
         let key = format!("rl:read:{}", who.id);
         if let Ok(d) = outpost_shared::ratelimit::check(&app.read_limits, &key, limit, now, 1).await
             && !d.allowed
         {
-            let retry = u32::try_from(d.retry_after_secs.unwrap_or(1)).unwrap_or(u32::MAX);
-            let mut resp = error_response(ErrorCode::RateLimitedClient, None, &id, Some(retry));
-            for (k, v) in d.headers() {
-                if let Ok(v) = HeaderValue::from_str(&v) {
-                    resp.headers_mut().insert(k, v);
-                }
-            }
-            return resp;
+            return rate_limited(ErrorCode::RateLimitedClient, &d, &id);
         }
     }
     let result = match api {
         ReadApi::Events => crate::query::events_page(db, &app.cursor_key, &who, &params).await,
-        ReadApi::Stats => crate::query::stats(db, &who, &params, now).await,
+        ReadApi::Stats => {
+            crate::query::stats(db, &who, &params, now, app.read_api.max_scan_span_secs).await
+        }
     };
     match result {
         Ok(mut page) => {
@@ -518,9 +731,19 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         (true, true) => (StatusCode::OK, "degraded"),
         (true, false) => (StatusCode::OK, "ok"),
     };
+    // Not a readiness condition (ingest works), but something an operator
+    // should see: what sinks gave up on, waiting for `outpost dead-letters`.
+    let dead_letters = match app.spool.dead_letter_summary().await {
+        Ok((count, bytes, max_bytes)) => {
+            serde_json::json!({"count": count, "bytes": bytes, "max_bytes": max_bytes})
+        }
+        Err(_) => serde_json::Value::Null,
+    };
     (
         code,
-        axum::Json(serde_json::json!({"status": word, "checks": checks})),
+        axum::Json(
+            serde_json::json!({"status": word, "checks": checks, "dead_letters": dead_letters}),
+        ),
     )
         .into_response()
 }
@@ -533,6 +756,8 @@ fn status(up: bool) -> serde_json::Value {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    // The operator commands change the dead letters from outside.
+    let _ = app.spool.refresh_dead_letter_gauges().await;
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

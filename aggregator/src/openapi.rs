@@ -182,6 +182,20 @@ pub struct Ready {
     /// `ok` or `down` per dependency: `spool`, `postgres` or `sqlite`,
     /// `influxdb`, `redis`.
     pub checks: BTreeMap<String, String>,
+    /// What the sinks gave up on (`outpost dead-letters`); `null` when the
+    /// spool cannot say.
+    pub dead_letters: Option<DeadLetterSummary>,
+}
+
+/// The dead letters kept in the spool.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterSummary {
+    /// How many.
+    pub count: i64,
+    /// Their payloads' size, bytes.
+    pub bytes: i64,
+    /// `spool.dead_letters_max_bytes`: past it the oldest are dropped.
+    pub max_bytes: u64,
 }
 
 /// The filters `GET /v1/events` and `GET /v1/stats` share.

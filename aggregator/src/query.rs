@@ -111,6 +111,7 @@ fn common_param(q: &mut Query, k: &str, v: &str) -> Result<bool, QueryError> {
             if v.is_empty() || v.len() > 256 {
                 return Err(QueryError::param(name, "1 to 256 bytes"));
             }
+            check_filter_value(name, v)?;
             if q.filters.insert(name.to_owned(), v.to_owned()).is_some() {
                 return Err(QueryError::param(name, "given twice"));
             }
@@ -118,6 +119,37 @@ fn common_param(q: &mut Query, k: &str, v: &str) -> Result<bool, QueryError> {
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// Filters on a closed set of values take only those values: a value no
+/// event can have is a mistake to name (`40014`), not an empty answer.
+fn check_filter_value(name: &str, v: &str) -> Result<(), QueryError> {
+    use outpost_shared::event::Level;
+    let ok = match name {
+        "kind" => matches!(v, "event" | "log"),
+        "priority" => matches!(v, "normal" | "high"),
+        "level" => Level::ALL.iter().any(|l| l.as_str() == v),
+        "trace_id" => {
+            v.len() == 32
+                && v.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        }
+        "country" => v.len() == 2 && v.bytes().all(|b| b.is_ascii_uppercase()),
+        "client_id" => outpost_shared::client::is_valid_client_id(v),
+        _ => true,
+    };
+    if ok {
+        return Ok(());
+    }
+    let expected = match name {
+        "kind" => "event or log",
+        "priority" => "normal or high",
+        "level" => "trace, debug, info, warn, error or fatal",
+        "trace_id" => "32 lower-case hex digits",
+        "country" => "an ISO 3166-1 alpha-2 code in upper case (DE)",
+        _ => "a client id ([a-z0-9][a-z0-9-]{0,63})",
+    };
+    Err(QueryError::param(name, expected))
 }
 
 /// What a page request asks besides the query itself.
@@ -273,21 +305,16 @@ const GROUPS: &[(&str, &str)] = &[
     ("priority", "priority"),
 ];
 
-/// `GET /v1/stats`: events and distinct users per time bucket, optionally
-/// grouped by one dimension, with the same filters as `/v1/events`. Without
-/// `from`, the last 24 hours.
-pub async fn stats(
-    db: &Db,
-    who: &ClientRecord,
-    params: &[(String, String)],
-    now_ms: i64,
-) -> Result<serde_json::Value, QueryError> {
-    if !who.permissions.allows("read", "stats") {
-        return Err(QueryError(
-            ErrorCode::PermissionDenied,
-            "needs read:stats".into(),
-        ));
-    }
+/// A stats query's parameters: the filters, the bucket, the group and
+/// whether distinct users are asked for.
+type StatsQuery = (
+    Query,
+    &'static str,
+    Option<&'static (&'static str, &'static str)>,
+    bool,
+);
+
+fn parse_stats(params: &[(String, String)]) -> Result<StatsQuery, QueryError> {
     let mut q = Query {
         filters: BTreeMap::new(),
         from_us: None,
@@ -327,6 +354,52 @@ pub async fn stats(
             other => return Err(QueryError::param(other, "unknown parameter")),
         }
     }
+    Ok((q, bucket, group, with_users))
+}
+
+/// The read API's parameter parsing on an arbitrary query string, as the
+/// server gets it (for the fuzz target; no database involved): decoded as
+/// axum decodes it, then parsed as both endpoints parse it, and a cursor
+/// opened with a fixed key.
+#[doc(hidden)]
+pub fn fuzz_query_string(query: &str) {
+    let Ok(uri) = format!("/v1/events?{query}").parse::<axum::http::Uri>() else {
+        return;
+    };
+    let Ok(axum::extract::Query(params)) =
+        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri)
+    else {
+        return;
+    };
+    if let Ok((q, options)) = parse_query(&params) {
+        let _ = digest(&q);
+        if let Some(c) = options.cursor {
+            let _ = CursorKey::derive(b"fuzz").open(&c);
+        }
+    }
+    let _ = parse_stats(&params);
+}
+
+/// `GET /v1/stats`: events and distinct users per time bucket, optionally
+/// grouped by one dimension, with the same filters as `/v1/events`. Without
+/// `from`, the last 24 hours.
+///
+/// A query the rollups cannot answer reads rows: its `to - from` may be at
+/// most `max_scan_span_secs` (`40019` beyond).
+pub async fn stats(
+    db: &Db,
+    who: &ClientRecord,
+    params: &[(String, String)],
+    now_ms: i64,
+    max_scan_span_secs: u64,
+) -> Result<serde_json::Value, QueryError> {
+    if !who.permissions.allows("read", "stats") {
+        return Err(QueryError(
+            ErrorCode::PermissionDenied,
+            "needs read:stats".into(),
+        ));
+    }
+    let (mut q, bucket, group, with_users) = parse_stats(params)?;
     scope_to_caller(&mut q, who)?;
     // The last 24 hours, from the start of that minute.
     q.from_us
@@ -340,10 +413,24 @@ pub async fn stats(
     };
     let (rows, source) = match series {
         Some(rows) => (rows, "rollup"),
-        None => (
-            scan_stats(db, &q, bucket, group, with_users).await?,
-            "events",
-        ),
+        None => {
+            let from = q.from_us.unwrap_or(0);
+            let to = q.to_us.unwrap_or(now_ms.saturating_mul(1000));
+            let span_secs = u64::try_from(to.saturating_sub(from) / 1_000_000).unwrap_or(0);
+            if span_secs > max_scan_span_secs {
+                return Err(QueryError(
+                    ErrorCode::QueryRangeTooLarge,
+                    format!(
+                        "this query reads every matching event (distinct users, or a filter the per-minute counts cannot answer): its from..to may span at most {} s (read_api.max_scan_span_secs), this one spans {span_secs} s",
+                        max_scan_span_secs
+                    ),
+                ));
+            }
+            (
+                scan_stats(db, &q, bucket, group, with_users).await?,
+                "events",
+            )
+        }
     };
     if rows.len() as i64 > MAX_STATS_ROWS {
         return Err(QueryError::param(
@@ -531,6 +618,15 @@ fn bucket_micros(bucket: &str) -> i64 {
 }
 
 fn unavailable(e: sqlx::Error) -> QueryError {
+    // 57014: cut off by `statement_timeout` (read_api.statement_timeout_ms).
+    if let sqlx::Error::Database(d) = &e
+        && d.code().as_deref() == Some("57014")
+    {
+        return QueryError(
+            ErrorCode::DependencyUnavailable,
+            "the query ran past read_api.statement_timeout_ms and was cancelled (statement timeout): narrow it, or retry when the database is less busy".into(),
+        );
+    }
     QueryError(ErrorCode::DependencyUnavailable, e.to_string())
 }
 
@@ -586,6 +682,9 @@ impl CursorKey {
     }
 }
 
+/// What a cursor belongs to: the query's filters, range and order. The
+/// page size is not part of it: a client may ask for larger or smaller
+/// pages as it goes (README, "Reading events").
 fn digest(q: &Query) -> String {
     use sha2::Digest as _;
     let mut without_limit = q.clone();
@@ -956,6 +1055,16 @@ mod tests {
             (vec![("from", "yesterday")], "from"),
             (vec![("name", "")], "name"),
             (vec![("name", "a"), ("name", "b")], "name"),
+            (vec![("kind", "metric")], "kind"),
+            (vec![("level", "banana")], "level"),
+            (vec![("priority", "urgent")], "priority"),
+            (
+                vec![("trace_id", "4BF92F3577B34DA6A3CE929D0E0E4736")],
+                "trace_id",
+            ),
+            (vec![("trace_id", "xyz")], "trace_id"),
+            (vec![("country", "de")], "country"),
+            (vec![("client_id", "Not A Client")], "client_id"),
         ] {
             let err = parse_query(&params(&bad)).unwrap_err();
             assert_eq!(err.0, ErrorCode::InvalidQueryParameter);

@@ -40,6 +40,14 @@ pub struct SourceLabel {
     pub source: &'static str,
 }
 
+/// Label: why something was closed, refused or shed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A stable word (`header_timeout`, `evicted`, `refused`, `closed`,
+    /// `error`; `concurrency`, `timeout`).
+    pub reason: &'static str,
+}
+
 /// Every metric. Cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -77,6 +85,18 @@ pub struct Metrics {
     pub geoip_lookups: Family<GeoLabel, Counter>,
     /// GeoIP answers served from the cache.
     pub geoip_cache_hits: Counter,
+    /// Dead letters held in the spool.
+    pub dead_letters: Gauge,
+    /// Bytes of the dead letters' payloads.
+    pub dead_letter_bytes: Gauge,
+    /// Dead letters dropped to stay within `spool.dead_letters_max_bytes`.
+    pub dead_letters_dropped: Counter,
+    /// Open HTTP connections.
+    pub http_connections: Gauge,
+    /// HTTP connections closed, by reason.
+    pub http_connections_closed: Family<ReasonLabel, Counter>,
+    /// Requests answered `503` at once to stay within the server's bounds.
+    pub http_requests_shed: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -103,6 +123,12 @@ impl Metrics {
             dedup_errors: Counter::default(),
             geoip_lookups: Family::default(),
             geoip_cache_hits: Counter::default(),
+            dead_letters: Gauge::default(),
+            dead_letter_bytes: Gauge::default(),
+            dead_letters_dropped: Counter::default(),
+            http_connections: Gauge::default(),
+            http_connections_closed: Family::default(),
+            http_requests_shed: Family::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to names.
         let r = registry.sub_registry_with_prefix("outpost");
@@ -195,6 +221,46 @@ impl Metrics {
             "GeoIP answers served from the cache",
             m.geoip_cache_hits.clone(),
         );
+        r.register(
+            "dead_letters",
+            "Dead letters held in the spool",
+            m.dead_letters.clone(),
+        );
+        r.register_with_unit(
+            "dead_letter",
+            "Payload bytes of the dead letters held",
+            prometheus_client::registry::Unit::Bytes,
+            m.dead_letter_bytes.clone(),
+        );
+        r.register(
+            "dead_letters_dropped",
+            "Dead letters dropped (oldest first) to stay within spool.dead_letters_max_bytes",
+            m.dead_letters_dropped.clone(),
+        );
+        r.register(
+            "http_connections",
+            "Open HTTP connections",
+            m.http_connections.clone(),
+        );
+        r.register(
+            "http_connections_closed",
+            "HTTP connections closed, by reason",
+            m.http_connections_closed.clone(),
+        );
+        r.register(
+            "http_requests_shed",
+            "Requests answered 503 at once to stay within the server's bounds, by reason",
+            m.http_requests_shed.clone(),
+        );
+        // Every series from the start, at zero, for dashboards and alerts.
+        for reason in ["concurrency", "timeout"] {
+            let _ = m.http_requests_shed.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in ["closed", "header_timeout", "evicted", "refused", "error"] {
+            let _ = m
+                .http_connections_closed
+                .get_or_create(&ReasonLabel { reason });
+        }
         m
     }
 }
