@@ -65,15 +65,21 @@ const SERVER: &str = "demo-server";
 const READER: &str = "demo-reader";
 const EDGE_KEY_ID: &str = "dev";
 
+/// The demo write key's limits: public keys get per-client and per-address
+/// limits in production, so the demo shows their `RateLimit-*` headers too.
+const DEMO_RATE_LIMIT: &str = "6000/60";
+const DEMO_IP_RATE_LIMIT: &str = "1200/60";
+
 fn create_args(id: &str, name: &str, method: MethodArg, permissions: &[&str]) -> CreateArgs {
+    let write_key = method == MethodArg::WriteKey;
     CreateArgs {
         name: name.into(),
         id: Some(id.into()),
         method,
         public_key_file: None,
         permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
-        rate_limit: None,
-        ip_rate_limit: None,
+        rate_limit: write_key.then(|| DEMO_RATE_LIMIT.to_owned()),
+        ip_rate_limit: write_key.then(|| DEMO_IP_RATE_LIMIT.to_owned()),
         origins: if method == MethodArg::WriteKey {
             vec!["*".into()]
         } else {

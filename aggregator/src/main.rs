@@ -113,6 +113,23 @@ enum Command {
         #[command(subcommand)]
         command: ClientsCommand,
     },
+    /// The spool: which sinks it holds batches for, and dropping one that
+    /// is gone for good (prints JSON).
+    Spool {
+        /// TOML config file (`spool.path` and the sinks are used).
+        #[arg(long, short, env = "OUTPOST_CONFIG", global = true)]
+        config: Option<std::path::PathBuf>,
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+    /// What the sinks gave up on: list, show, replay or purge (prints JSON).
+    DeadLetters {
+        /// TOML config file (`spool.path`; `replay` signs with the first edge key).
+        #[arg(long, short, env = "OUTPOST_CONFIG", global = true)]
+        config: Option<std::path::PathBuf>,
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
     /// Inspect the GeoIP databases.
     Geoip {
         /// TOML config file (`[geoip]` is used).
@@ -223,6 +240,72 @@ enum ClientsCommand {
         #[arg(long)]
         nonce: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Each sink the spool holds batches for, with its backlog, and the dead letters.
+    Status,
+    /// Drop the backlog of a sink no longer configured (the aggregator
+    /// refuses to start while one is left).
+    DropSink {
+        /// The sink (`postgres`, `sqlite`, `influxdb`).
+        name: String,
+        /// Yes, drop its undelivered batches for good.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// Dead letters, oldest first, without payloads.
+    List {
+        #[command(flatten)]
+        selection: outpost_aggregator::spool_cmd::Selection,
+        /// Most to list.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter with its payload and the edge's facts.
+    Show {
+        /// Its id (from `list`).
+        id: i64,
+    },
+    /// Send them to the aggregator again (after fixing the cause); those it
+    /// accepts are deleted.
+    Replay {
+        #[command(flatten)]
+        selection: outpost_aggregator::spool_cmd::Selection,
+        /// The aggregator (default: from `server.listen`).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Delete them for good.
+    Purge {
+        #[command(flatten)]
+        selection: outpost_aggregator::spool_cmd::Selection,
+        /// Only those older than this (RFC 3339).
+        #[arg(long)]
+        before: Option<String>,
+        /// Yes, delete them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// The aggregator's own address, for commands that call it.
+fn own_url(config: &outpost_aggregator::config::Config) -> String {
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let scheme = if config.server.tls.enabled() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{addr}")
 }
 
 #[derive(Subcommand)]
@@ -420,6 +503,41 @@ fn main() -> anyhow::Result<()> {
             } else {
                 print_text(&out);
             }
+        }
+        Command::Spool { config, command } => {
+            use outpost_aggregator::spool_cmd as cmd;
+            let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
+            let out = runtime()?.block_on(async {
+                match command {
+                    SpoolCommand::Status => cmd::status(&config).await,
+                    SpoolCommand::DropSink { name, yes } => {
+                        cmd::drop_sink(&config, &name, yes).await
+                    }
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::DeadLetters { config, command } => {
+            use outpost_aggregator::spool_cmd as cmd;
+            let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
+            let out = runtime()?.block_on(async {
+                match command {
+                    DeadLettersCommand::List { selection, limit } => {
+                        cmd::list(&config, &selection, limit).await
+                    }
+                    DeadLettersCommand::Show { id } => cmd::show(&config, id).await,
+                    DeadLettersCommand::Replay { selection, url } => {
+                        let url = url.unwrap_or_else(|| own_url(&config));
+                        cmd::replay(&config, &selection, &url).await
+                    }
+                    DeadLettersCommand::Purge {
+                        selection,
+                        before,
+                        yes,
+                    } => cmd::purge(&config, &selection, before.as_deref(), yes).await,
+                }
+            })?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Command::Geoip { config, command } => {
             let config = outpost_aggregator::config::Config::load_unchecked(config.as_deref())?;
