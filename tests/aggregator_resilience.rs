@@ -21,8 +21,14 @@ async fn error_of(resp: reqwest::Response) -> (u16, u64, bool) {
 
 #[tokio::test]
 async fn bad_frames_get_their_documented_codes() {
-    // No database needed: nothing here is accepted.
-    let agg = Aggregator::start("[postgres]\nenabled = false\n\n[dedup]\nbackend = \"off\"\n\n[server.frame]\nmax_frame_bytes = 1024\n").await;
+    // Nothing here is accepted, but an aggregator needs a sink: the
+    // embedded one will do.
+    let store = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start(&format!(
+        "[postgres]\nenabled = false\n\n[sqlite]\nenabled = true\npath = \"{}\"\n\n[dedup]\nbackend = \"off\"\n\n[server.frame]\nmax_frame_bytes = 1024\n",
+        store.path().join("events.db").display()
+    ))
+    .await;
     let good = frame_for("acme-web", events(1, 0..2), batch_id());
 
     let wrong_key = {

@@ -67,12 +67,27 @@ async fn an_edge_reads_client_records_with_its_signed_key_and_nothing_else_does(
     let secret = created["secret"].as_str().unwrap().as_bytes().to_vec();
 
     let path = "/internal/v1/clients/acme-server";
-    let ok = get(&agg, path, EDGE_KEY_ID, EDGE_SECRET, now()).await;
+    let ts = now();
+    let ok = get(&agg, path, EDGE_KEY_ID, EDGE_SECRET, ts).await;
     assert_eq!(ok.status(), 200);
-    let got: ClientRecord = ok.json().await.unwrap();
+    let sealed = ok.bytes().await.unwrap();
+    assert!(
+        !sealed.windows(secret.len()).any(|w| w == secret.as_slice()),
+        "the secret travels sealed"
+    );
+    let plain = outpost_shared::seal::SealKey::derive(
+        EDGE_SECRET,
+        outpost_shared::seal::PURPOSE_CLIENT_RECORD,
+    )
+    .open(
+        &outpost_shared::seal::client_record_context("acme-server", ts),
+        &sealed,
+    )
+    .expect("sealed for the edge key and this lookup");
+    let got: ClientRecord = serde_json::from_slice(&plain).unwrap();
     assert_eq!(got.id, "acme-server");
     assert_eq!(got.method, AuthMethod::Hmac);
-    // The edge receives the secret itself (unsealed), to verify signatures.
+    // The edge gets the secret itself (sealed for it), to verify signatures.
     assert_eq!(
         got.hmac_secrets(outpost_shared::Timestamp(0)).next(),
         Some(secret.as_slice())

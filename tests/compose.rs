@@ -409,6 +409,10 @@ async fn the_ingestion_dashboard_queries_only_metrics_the_aggregator_exports() {
         // And what tells an operator whether the hand-off bound fits.
         "outpost_delivery_batches_total",
         "outpost_handoff_bytes",
+        // And what hostile traffic leaves behind: dead letters, shed load.
+        "outpost_dead_letters",
+        "outpost_http_connections_closed_total",
+        "outpost_http_requests_shed_total",
     ] {
         assert!(queried.contains(needed), "{needed} is not on the dashboard");
     }

@@ -229,6 +229,8 @@ struct Expect {
     counts: Option<(u64, u64)>,
     /// Headers that must be present with this value (`None`: any value).
     headers: Vec<(&'static str, Option<&'static str>)>,
+    /// Headers that must be absent.
+    absent: Vec<&'static str>,
     /// The frame the stand-in must have received; `None`: nothing forwarded.
     frame: Option<FrameExpect>,
 }
@@ -239,6 +241,7 @@ fn accepted(client_id: &'static str, events: usize) -> Expect {
         code: None,
         counts: Some((events as u64, 0)),
         headers: vec![("x-request-id", None)],
+        absent: Vec::new(),
         frame: Some(FrameExpect {
             client_id,
             events,
@@ -253,6 +256,7 @@ fn refused(status: u16, code: u64) -> Expect {
         code: Some(code),
         counts: None,
         headers: vec![("x-request-id", None)],
+        absent: Vec::new(),
         frame: None,
     }
 }
@@ -260,6 +264,10 @@ fn refused(status: u16, code: u64) -> Expect {
 impl Expect {
     fn header(mut self, name: &'static str, value: Option<&'static str>) -> Expect {
         self.headers.push((name, value));
+        self
+    }
+    fn without(mut self, name: &'static str) -> Expect {
+        self.absent.push(name);
         self
     }
     fn stamped_ip(mut self, ip: &'static str) -> Expect {
@@ -341,6 +349,33 @@ fn cases(runtime: Runtime) -> Vec<Case> {
     proxied
         .headers
         .push(("x-forwarded-for", "203.0.113.50".into()));
+    // The client sent its own line naming a blocked address; the trusted
+    // proxy (HAProxy does this) appended a second line with the real one.
+    let mut proxied_two_lines = browser("/v1/batch?write_key=web", batch(1));
+    proxied_two_lines
+        .headers
+        .push(("x-forwarded-for", "198.51.100.7".into()));
+    proxied_two_lines
+        .headers
+        .push(("x-forwarded-for", "203.0.113.51".into()));
+    let mut no_content_type = browser("/v1/batch?write_key=web", batch(1));
+    no_content_type.headers.remove(1);
+    let mut upper_hex = hmac_signed(None, now, HMAC_SECRET);
+    for h in &mut upper_hex.headers {
+        if h.0 == signature::HEADER_SIGNATURE {
+            h.1 = h.1.to_uppercase();
+        }
+    }
+    let preflight_for = |path: &str, origin: &str| Req {
+        method: "OPTIONS",
+        path: path.into(),
+        headers: vec![
+            ("origin", origin.into()),
+            ("access-control-request-method", "POST".into()),
+        ],
+        body: Vec::new(),
+        from: TRUSTED,
+    };
 
     vec![
         case(
@@ -386,9 +421,66 @@ fn cases(runtime: Runtime) -> Vec<Case> {
             refused(401, 40101),
         ),
         case(
-            "origin the client does not allow",
+            "origin the client does not allow: no CORS headers either",
             denied_origin,
-            refused(403, 40302),
+            refused(403, 40302).without("access-control-allow-origin"),
+        ),
+        case(
+            "preflight naming a key restricted to other origins",
+            preflight_for("/v1/batch?write_key=web", "https://evil.example"),
+            refused(403, 40302).without("access-control-allow-origin"),
+        ),
+        case(
+            "preflight naming a key, from one of its origins",
+            preflight_for("/v1/batch?write_key=web", ORIGIN),
+            Expect {
+                status: 204,
+                code: None,
+                counts: None,
+                headers: vec![("access-control-allow-origin", Some(ORIGIN))],
+                absent: Vec::new(),
+                frame: None,
+            },
+        ),
+        case(
+            "no Content-Type",
+            no_content_type,
+            refused(415, 41501),
+        ),
+        case(
+            "HMAC signature in upper-case hex (documented: lower case)",
+            upper_hex,
+            refused(401, 40103),
+        ),
+        case(
+            "every event rejected: 400, not success",
+            browser(
+                "/v1/batch?write_key=web",
+                json!({"batch": [{"event_id": "nope", "name": "x"}, {"event_id": "0192f0c1-7b3a-7cc2-9a57-00000000abcd"}]})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            refused(400, 40018).header("access-control-allow-origin", Some(ORIGIN)),
+        ),
+        case(
+            "a body write key that is not the query's",
+            browser(
+                "/v1/batch?write_key=web",
+                json!({"write_key": "limited", "batch": [event(1)]})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            refused(400, 40003),
+        ),
+        case(
+            "a newline in a property key",
+            browser(
+                "/v1/batch?write_key=web",
+                json!({"batch": [{"event_id": "0192f0c1-7b3a-7cc2-9a57-00000000abce", "name": "x", "properties": {"a\nb": 1}}]})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            refused(400, 40018),
         ),
         case(
             "write key without an origin",
@@ -416,6 +508,7 @@ fn cases(runtime: Runtime) -> Vec<Case> {
                     ("access-control-allow-origin", Some(ORIGIN)),
                     ("access-control-max-age", Some("600")),
                 ],
+                absent: Vec::new(),
                 frame: None,
             },
         ),
@@ -526,6 +619,7 @@ fn cases(runtime: Runtime) -> Vec<Case> {
                 code: None,
                 counts: Some((1, 1)),
                 headers: vec![],
+                absent: Vec::new(),
                 frame: Some(FrameExpect {
                     client_id: "web",
                     events: 1,
@@ -597,6 +691,14 @@ fn cases(runtime: Runtime) -> Vec<Case> {
             proxied,
             match runtime {
                 Runtime::Wasmtime => accepted("web", 1).stamped_ip("203.0.113.50"),
+                Runtime::Workerd => accepted("web", 1),
+            },
+        ),
+        case(
+            "X-Forwarded-For on two lines: the proxy's line is read, not the client's (Workers: CF-Connecting-IP decides)",
+            proxied_two_lines,
+            match runtime {
+                Runtime::Wasmtime => accepted("web", 1).stamped_ip("203.0.113.51"),
                 Runtime::Workerd => accepted("web", 1),
             },
         ),
@@ -696,6 +798,11 @@ async fn run_step(edge: &Edge, stand_in: &StandIn, step: &Step) -> Result<(), St
             _ => {}
         }
     }
+    for name in &e.absent {
+        if let Some(v) = headers.get(*name) {
+            problems.push(format!("header {name} present ({v:?}), expected none"));
+        }
+    }
     let frames = stand_in.take_frames();
     match (&e.frame, frames.as_slice()) {
         (None, []) => {}
@@ -749,6 +856,7 @@ async fn conformance(runtime: Runtime) {
             .client_from(TRUSTED.parse().unwrap())
             .post(format!("{}/v1/batch?write_key=ghost", edge.url))
             .header("origin", ORIGIN)
+            .header("content-type", "application/json")
             .body(batch(1))
             .send()
             .await

@@ -87,6 +87,11 @@ impl StandIn {
             .unwrap_or(0)
     }
 
+    /// Every lookup so far, of any id.
+    pub fn total_lookups(&self) -> usize {
+        self.seen.lock().unwrap().lookups.values().sum()
+    }
+
     /// Lookups that were not signed with the edge key.
     pub fn bad_lookup_signatures(&self) -> usize {
         self.seen.lock().unwrap().bad_lookup_signatures
@@ -155,7 +160,28 @@ async fn client(
     }
     *seen.lookups.entry(id.clone()).or_default() += 1;
     match me.clients.get(&id) {
-        Some(r) => axum::Json(r.clone()).into_response(),
+        // Sealed for the edge key and this lookup, as the aggregator does.
+        Some(r) => {
+            let ts: i64 = h(signature::HEADER_TIMESTAMP).parse().unwrap_or(0);
+            let key = outpost_shared::seal::SealKey::derive(
+                EDGE_SECRET,
+                outpost_shared::seal::PURPOSE_CLIENT_RECORD,
+            );
+            let nonce: [u8; 12] = fastrand::u128(..).to_be_bytes()[..12].try_into().unwrap();
+            let sealed = key.seal(
+                nonce,
+                &outpost_shared::seal::client_record_context(&id, ts),
+                &serde_json::to_vec(r).unwrap(),
+            );
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    outpost_shared::seal::SEALED_RECORD_CONTENT_TYPE,
+                )],
+                sealed,
+            )
+                .into_response()
+        }
         None => envelope(StatusCode::NOT_FOUND, ErrorCode::ClientNotFound),
     }
 }
@@ -230,6 +256,18 @@ pub fn spin_component() -> PathBuf {
 
 impl Edge {
     pub async fn start(runtime: Runtime, variables: &[(&'static str, String)]) -> Edge {
+        Edge::start_with_host(runtime, variables, "", "").await
+    }
+
+    /// As [`Edge::start`]; under `outpost edge`, `top` (top-level keys such
+    /// as `metrics_listen`) and `tables` (`[kv]`, `[limits]`) go into the
+    /// host's configuration file.
+    pub async fn start_with_host(
+        runtime: Runtime,
+        variables: &[(&'static str, String)],
+        top: &str,
+        tables: &str,
+    ) -> Edge {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let log = dir.path().join("edge.log");
@@ -237,12 +275,13 @@ impl Edge {
         let child = match runtime {
             Runtime::Wasmtime => {
                 let mut cfg = format!(
-                    "component = {:?}\nlisten = \"127.0.0.1:{port}\"\n\n[variables]\n",
+                    "component = {:?}\nlisten = \"127.0.0.1:{port}\"\n{top}\n\n[variables]\n",
                     spin_component()
                 );
                 for (k, v) in variables {
                     cfg.push_str(&format!("{k} = {v:?}\n"));
                 }
+                cfg.push_str(tables);
                 let path = dir.path().join("edge.toml");
                 std::fs::write(&path, cfg).unwrap();
                 Command::new(outpost_bin())
