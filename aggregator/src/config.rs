@@ -15,7 +15,10 @@ use outpost_shared::frame::{EdgeKey, FrameLimits, KeyRing};
 use outpost_shared::validate::Limits;
 
 pub use crate::geoip::GeoIpConfig;
+pub use crate::redacted::Redacted;
 pub use crate::sinks::influxdb::{InfluxConfig, WriteApi};
+pub use crate::sinks::postgres::PostgresConfig;
+pub use crate::sinks::sqlite::SqliteConfig;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
@@ -253,52 +256,6 @@ impl Default for DedupConfig {
     }
 }
 
-/// `[postgres]`
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PostgresConfig {
-    /// Whether the PostgreSQL sink is on.
-    pub enabled: bool,
-    /// Connection URL (may hold the password; never printed).
-    pub url: Redacted,
-    /// Run `migrations/postgres` at start-up.
-    pub migrate_on_start: bool,
-    /// Connection pool size.
-    pub max_connections: u32,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        PostgresConfig {
-            enabled: true,
-            url: Redacted::from("postgres://postgres@127.0.0.1:5432/outpost"),
-            migrate_on_start: true,
-            max_connections: 8,
-        }
-    }
-}
-
-/// `[sqlite]`: events, client records and the query API in one SQLite
-/// file instead of PostgreSQL, for one machine (`outpost dev`, small
-/// installs). Turn `[postgres]` off when this is on.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SqliteConfig {
-    /// Whether the SQLite store is on.
-    pub enabled: bool,
-    /// The database file (created, with its directory, when missing).
-    pub path: PathBuf,
-}
-
-impl Default for SqliteConfig {
-    fn default() -> Self {
-        SqliteConfig {
-            enabled: false,
-            path: PathBuf::from("data/events.db"),
-        }
-    }
-}
-
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -357,11 +314,17 @@ impl Config {
 
     /// As [`Config::load_unchecked`], with `vars` in place of the process
     /// environment (for tools and tests that check a deployment's settings).
+    ///
+    /// figment layers the file under the environment and reads the result
+    /// into the typed configuration. Every `OUTPOST_*` value goes in as a
+    /// string and its field's type decides what it becomes: a number or a
+    /// boolean only where the field is one, so a password of `123456`
+    /// stays the string it is.
     pub fn load_with_env(
         path: Option<&Path>,
         vars: impl Iterator<Item = (String, String)>,
     ) -> anyhow::Result<Config> {
-        let mut table = match path {
+        let file = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?;
@@ -370,10 +333,19 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        apply_env(&mut table, vars)?;
-        toml::Value::Table(table)
-            .try_into()
-            .context("invalid configuration")
+        Config::layered(file, vars)
+    }
+
+    /// The file's table under the environment's overrides, typed.
+    fn layered(
+        file: toml::Table,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let env = EnvOverrides::read(vars)?;
+        figment::Figment::from(figment::providers::Serialized::defaults(file))
+            .merge(env)
+            .extract_lossy()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
     }
 
     /// Rules a well-typed configuration can still break.
@@ -420,17 +392,7 @@ impl Config {
 
     /// The sinks this configuration enables, by name.
     pub fn sink_names(&self) -> Vec<&'static str> {
-        let mut names = Vec::new();
-        if self.postgres.enabled {
-            names.push("postgres");
-        }
-        if self.sqlite.enabled {
-            names.push("sqlite");
-        }
-        if self.influxdb.enabled {
-            names.push("influxdb");
-        }
-        names
+        crate::sinks::enabled_names(self)
     }
 
     /// The edge key ring.
@@ -441,115 +403,108 @@ impl Config {
     }
 }
 
-/// A string that is a secret (or holds one, like a URL with a password):
-/// `***` in `Debug`, itself in TOML and JSON.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Redacted(pub String);
+/// The `OUTPOST_<SECTION>_<KEY>=value` variables, as a figment provider:
+/// each value a string (a list for list-valued keys) at the key path its
+/// name spells. Which segment ends the section is decided by the known
+/// section and nested-table names, since keys hold underscores themselves.
+struct EnvOverrides(figment::value::Dict);
 
-impl std::fmt::Debug for Redacted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+impl EnvOverrides {
+    fn read(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<EnvOverrides> {
+        use figment::value::{Dict, Value};
+        let mut root = Dict::new();
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            if rest == "edge_keys" {
+                root.insert("edge_keys".into(), parse_edge_keys(&value)?);
+                continue;
+            }
+            let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+                rest.strip_prefix(s)
+                    .and_then(|k| k.strip_prefix('_'))
+                    .map(|k| (*s, k))
+            }) else {
+                continue;
+            };
+            // Nested tables (server.frame) use one more segment:
+            // OUTPOST_SERVER_FRAME_MAX_EVENTS.
+            let nested = NESTED.iter().find_map(|(sec, table)| {
+                (*sec == section)
+                    .then(|| key.strip_prefix(table).and_then(|k| k.strip_prefix('_')))
+                    .flatten()
+                    .map(|inner| (*table, inner))
+            });
+            let leaf = nested.map_or(key, |(_, k)| k);
+            let parsed = if LISTS.contains(&leaf) {
+                Value::from(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .collect::<Vec<_>>(),
+                )
+            } else {
+                Value::from(value)
+            };
+            let mut path = vec![section];
+            path.extend(nested.map(|(table, _)| table));
+            insert_at(&mut root, &path, leaf, parsed)?;
+        }
+        Ok(EnvOverrides(root))
     }
 }
 
-impl From<&str> for Redacted {
-    fn from(s: &str) -> Redacted {
-        Redacted(s.to_owned())
-    }
-}
-
-/// Applies `OUTPOST_<SECTION>_<KEY>=value` overrides to a TOML table.
-/// Values are read as TOML scalars when they parse as one (`8`, `true`),
-/// otherwise as strings; a comma-separated list for list-valued keys.
-fn apply_env(
-    table: &mut toml::Table,
-    vars: impl Iterator<Item = (String, String)>,
+/// Puts `value` at `path.key` in `dict`, making the tables on the way.
+fn insert_at(
+    dict: &mut figment::value::Dict,
+    path: &[&str],
+    key: &str,
+    value: figment::value::Value,
 ) -> anyhow::Result<()> {
-    for (name, value) in vars {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let rest = rest.to_ascii_lowercase();
-        if rest == "edge_keys" {
-            table.insert("edge_keys".into(), parse_edge_keys(&value)?);
-            continue;
-        }
-        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
-            rest.strip_prefix(s)
-                .and_then(|k| k.strip_prefix('_'))
-                .map(|k| (*s, k.to_owned()))
-        }) else {
-            continue;
-        };
-        let entry = table
-            .entry(section)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let toml::Value::Table(section_table) = entry else {
-            bail!("[{section}] in the config file is not a table");
-        };
-        // Nested tables (server.frame) use one more segment: OUTPOST_SERVER_FRAME_MAX_EVENTS.
-        let nested = NESTED.iter().find_map(|(sec, table)| {
-            (*sec == section)
-                .then(|| key.strip_prefix(table).and_then(|k| k.strip_prefix('_')))
-                .flatten()
-                .map(|inner| (*table, inner.to_owned()))
-        });
-        let leaf = nested.as_ref().map_or(key.as_str(), |(_, k)| k.as_str());
-        let parsed = if LISTS.contains(&leaf) {
-            toml::Value::Array(
-                value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| toml::Value::String(s.to_owned()))
-                    .collect(),
-            )
-        } else {
-            scalar(&value)
-        };
-        match nested {
-            Some((table, inner_key)) => {
-                let t = section_table
-                    .entry(table)
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                if let toml::Value::Table(t) = t {
-                    t.insert(inner_key, parsed);
-                }
-            }
-            None => {
-                section_table.insert(key, parsed);
-            }
-        }
-    }
-    Ok(())
+    use figment::value::{Dict, Tag, Value};
+    let Some((first, rest)) = path.split_first() else {
+        dict.insert(key.to_owned(), value);
+        return Ok(());
+    };
+    let entry = dict
+        .entry((*first).to_owned())
+        .or_insert_with(|| Value::Dict(Tag::Default, Dict::new()));
+    let Value::Dict(_, inner) = entry else {
+        bail!(
+            "OUTPOST_{}: {first} is not a table",
+            first.to_ascii_uppercase()
+        );
+    };
+    insert_at(inner, rest, key, value)
 }
 
-fn scalar(value: &str) -> toml::Value {
-    if let Ok(i) = value.parse::<i64>() {
-        return toml::Value::Integer(i);
+impl figment::Provider for EnvOverrides {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("OUTPOST_* environment variables")
     }
-    if let Ok(b) = value.parse::<bool>() {
-        return toml::Value::Boolean(b);
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
     }
-    if let Ok(f) = value.parse::<f64>() {
-        return toml::Value::Float(f);
-    }
-    toml::Value::String(value.to_owned())
 }
 
-fn parse_edge_keys(value: &str) -> anyhow::Result<toml::Value> {
+fn parse_edge_keys(value: &str) -> anyhow::Result<figment::value::Value> {
     let mut keys = Vec::new();
     for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, secret) = part
             .split_once('=')
             .context("OUTPOST_EDGE_KEYS: expected id=base64url-secret[,…]")?;
-        let mut t = toml::Table::new();
-        t.insert("id".into(), toml::Value::String(id.to_owned()));
-        t.insert("secret".into(), toml::Value::String(secret.to_owned()));
-        keys.push(toml::Value::Table(t));
+        let mut key = figment::value::Dict::new();
+        key.insert("id".into(), id.into());
+        key.insert("secret".into(), secret.into());
+        keys.push(key);
     }
-    Ok(toml::Value::Array(keys))
+    Ok(keys.into())
 }
 
 /// An edge key from raw secret bytes (for `outpost dev` and tests).
@@ -574,16 +529,18 @@ mod tests {
 
     #[test]
     fn environment_overrides_the_file_and_types_values() {
-        let mut t: toml::Table = "[postgres]\nurl = \"postgres://file\"\nmax_connections = 2\n"
+        let t: toml::Table = "[postgres]\nurl = \"postgres://file\"\nmax_connections = 2\n"
             .parse()
             .unwrap();
-        apply_env(
-            &mut t,
+        let c = Config::layered(
+            t,
             env(&[
                 ("OUTPOST_POSTGRES_URL", "postgres://env"),
                 ("OUTPOST_SPOOL_MAX_BYTES", "1000"),
                 ("OUTPOST_DEDUP_REDIS_URLS", "redis://a:1, redis://b:2"),
                 ("OUTPOST_SERVER_FRAME_MAX_EVENTS", "7"),
+                ("OUTPOST_SERVER_TLS_CERT_PATH", "/etc/outpost/cert.pem"),
+                ("OUTPOST_INFLUXDB_ENABLED", "true"),
                 (
                     "OUTPOST_EDGE_KEYS",
                     "e1=MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
@@ -592,15 +549,43 @@ mod tests {
             ]),
         )
         .unwrap();
-        let c: Config = toml::Value::Table(t).try_into().unwrap();
         assert_eq!(c.postgres.url.0, "postgres://env");
         assert_eq!(c.postgres.max_connections, 2);
         assert_eq!(c.spool.max_bytes, 1000);
         assert_eq!(c.dedup.redis_urls, ["redis://a:1", "redis://b:2"]);
         assert_eq!(c.server.frame.max_events, 7);
+        assert_eq!(c.server.tls.cert_path, Path::new("/etc/outpost/cert.pem"));
+        assert!(c.influxdb.enabled);
         assert_eq!(c.edge_keys[0].id, "e1");
         assert_eq!(c.edge_keys[0].secret.expose().len(), 32);
         c.check().unwrap();
+    }
+
+    #[test]
+    fn a_value_that_looks_like_a_number_stays_a_string_where_the_key_is_one() {
+        // The hand-written patcher guessed types from the value alone:
+        // this password became an integer and the configuration failed.
+        let c = Config::layered(
+            toml::Table::new(),
+            env(&[
+                ("OUTPOST_INFLUXDB_PASSWORD", "123456"),
+                ("OUTPOST_INFLUXDB_TOKEN", "true"),
+                ("OUTPOST_INFLUXDB_MEASUREMENT", "2026"),
+                ("OUTPOST_POSTGRES_URL", "1e3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.influxdb.password.0, "123456");
+        assert_eq!(c.influxdb.token.0, "true");
+        assert_eq!(c.influxdb.measurement, "2026");
+        assert_eq!(c.postgres.url.0, "1e3");
+        // And a number where the key is a number is still checked as one.
+        let err = Config::layered(
+            toml::Table::new(),
+            env(&[("OUTPOST_SPOOL_MAX_BYTES", "lots")]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("max_bytes"), "{err:#}");
     }
 
     #[test]
@@ -620,7 +605,10 @@ mod tests {
     #[test]
     fn unknown_keys_and_weak_edge_keys_are_refused() {
         let t: toml::Table = "[postgres]\nurll = \"x\"\n".parse().unwrap();
-        assert!(toml::Value::Table(t).try_into::<Config>().is_err());
+        assert!(Config::layered(t, env(&[])).is_err());
+        assert!(
+            Config::layered(toml::Table::new(), env(&[("OUTPOST_POSTGRES_URLL", "x")])).is_err()
+        );
         let mut c = Config::default();
         assert!(c.check().is_err(), "no edge keys");
         c.edge_keys = vec![edge_key("e", b"short")];
