@@ -35,7 +35,8 @@ use std::future::Future;
 use std::net::IpAddr;
 
 use outpost_shared::ErrorCode;
-use outpost_shared::auth::{api_key, jwt, signature};
+use outpost_shared::auth::caller::{self, Credential};
+use outpost_shared::auth::signature;
 use outpost_shared::client::{AuthMethod, ClientRecord};
 use outpost_shared::error::{AcceptedResponse, ErrorEnvelope, FieldError};
 use outpost_shared::event::{EdgeFacts, Timestamp};
@@ -362,29 +363,12 @@ fn refusal_response(r: Refusal, request_id: &str, retry_after: u32) -> EdgeRespo
     resp
 }
 
-/// The credential a request presents.
-enum Credential<'a> {
-    WriteKey(&'a str),
-    Signature { client_id: &'a str },
-    Jwt(&'a str),
-    ApiKey(&'a str),
-}
-
 fn credential<'a>(
     req: &'a EdgeRequest,
     body_write_key: Option<&'a str>,
 ) -> Result<Credential<'a>, Refusal> {
     if let Some(auth) = req.header("authorization") {
-        let token = auth
-            .strip_prefix("Bearer ")
-            .or_else(|| auth.strip_prefix("bearer "))
-            .ok_or(ErrorCode::MissingCredentials)?
-            .trim();
-        return Ok(if token.starts_with(api_key::PREFIX) {
-            Credential::ApiKey(token)
-        } else {
-            Credential::Jwt(token)
-        });
+        return Credential::bearer(auth).ok_or_else(|| ErrorCode::MissingCredentials.into());
     }
     if let Some(id) = req.header(signature::HEADER_KEY) {
         return Ok(Credential::Signature { client_id: id });
@@ -397,19 +381,6 @@ fn credential<'a>(
         ))),
         (Some(k), _) | (None, Some(k)) => Ok(Credential::WriteKey(k)),
         (None, None) => Err(ErrorCode::MissingCredentials.into()),
-    }
-}
-
-impl Credential<'_> {
-    /// The client id the credential names, when it names one.
-    fn client_id(&self) -> Option<String> {
-        match self {
-            Credential::WriteKey(id) | Credential::Signature { client_id: id } => {
-                Some((*id).to_owned())
-            }
-            Credential::ApiKey(key) => api_key::client_id(key).map(str::to_owned),
-            Credential::Jwt(token) => jwt::token_key_id(token),
-        }
     }
 }
 
@@ -684,6 +655,8 @@ async fn cached_origin_allowed<K: Kv, E: EdgeEnv>(
 
 /// Checks the credential against a record, without touching KV (the nonce
 /// is remembered once the caller is settled).
+/// The one caller check (`outpost_shared::auth::caller`), with the
+/// request's signature when the credential is one.
 fn verify(
     req: &EdgeRequest,
     cred: &Credential<'_>,
@@ -691,53 +664,29 @@ fn verify(
     cfg: &EdgeConfig,
     now_ms: i64,
 ) -> Result<(), ErrorCode> {
-    let now = Timestamp(now_ms);
-    let method = match cred {
-        Credential::WriteKey(_) => AuthMethod::WriteKey,
-        Credential::ApiKey(key) => {
-            if !record.api_key_hashes(now).any(|h| api_key::verify(key, h)) {
-                return Err(ErrorCode::InvalidSignature);
-            }
-            AuthMethod::ApiKey
-        }
-        Credential::Jwt(token) => {
-            let policy = record.jwt.clone().unwrap_or_default();
-            let mut result = Err(ErrorCode::UnknownKey);
-            for k in &record.jwt_keys(now) {
-                result = jwt::verify(token, k, &policy, now_ms / 1000).map(drop);
-                if result.is_ok() {
-                    break;
-                }
-            }
-            result?;
-            AuthMethod::Jwt
-        }
-        Credential::Signature { .. } => {
-            let signed = signature::SignedRequest {
-                method: &req.method,
-                path_and_query: &req.path_and_query,
-                timestamp: req
-                    .header(signature::HEADER_TIMESTAMP)
-                    .ok_or(ErrorCode::MissingCredentials)?,
-                nonce: req.header(signature::HEADER_NONCE),
-                body: &req.body,
-                signature: req
-                    .header(signature::HEADER_SIGNATURE)
-                    .ok_or(ErrorCode::MissingCredentials)?,
-            };
-            signature::verify(
-                &signed,
-                record.hmac_secrets(now),
-                now_ms / 1000,
-                cfg.signature_window_secs,
-            )?;
-            AuthMethod::Hmac
-        }
+    let signed = match cred {
+        Credential::Signature { .. } => Some(signature::SignedRequest {
+            method: &req.method,
+            path_and_query: &req.path_and_query,
+            timestamp: req
+                .header(signature::HEADER_TIMESTAMP)
+                .ok_or(ErrorCode::MissingCredentials)?,
+            nonce: req.header(signature::HEADER_NONCE),
+            body: &req.body,
+            signature: req
+                .header(signature::HEADER_SIGNATURE)
+                .ok_or(ErrorCode::MissingCredentials)?,
+        }),
+        _ => None,
     };
-    if record.method != method {
-        return Err(ErrorCode::UnknownKey);
-    }
-    record.usable_at(now)
+    caller::verify(
+        cred,
+        record,
+        signed.as_ref(),
+        now_ms,
+        cfg.signature_window_secs,
+    )
+    .map(drop)
 }
 
 /// Refusals a newer record could turn around: a new secret or key after a

@@ -5,6 +5,7 @@ use std::io::Write as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::Mac as _;
+use outpost_shared::auth::api_key;
 use outpost_shared::auth::permission::Permissions;
 use outpost_shared::client::{Credential as Cred, KeyMaterial, Secret};
 use outpost_shared::frame::{Frame, FrameLimits, KeyRing};
