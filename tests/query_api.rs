@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use outpost_aggregator::query::MAX_EXACT_TOTAL;
+use outpost_aggregator::read_api::MAX_EXACT_TOTAL;
 use outpost_shared::auth::api_key;
 use outpost_shared::auth::permission::Permissions;
 use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial};

@@ -12,16 +12,12 @@ use tokio::sync::watch;
 
 use crate::clients::ClientStore;
 use crate::config::Config;
-use crate::db::Db;
 use crate::dedup::Dedup;
-use crate::delivery::{self, DeliveryContext};
+use crate::delivery::DeliveryContext;
 use crate::geoip::GeoIp;
 use crate::http::{AppState, router};
 use crate::limits::{BoundedKv, READ_LIMIT_ENTRIES};
 use crate::server::Listener;
-use crate::sinks::influxdb::InfluxSink;
-use crate::sinks::postgres::PostgresSink;
-use crate::sinks::sqlite::SqliteSink;
 use crate::spool::{Spool, SpoolOptions};
 use crate::telemetry::Metrics;
 
@@ -44,41 +40,9 @@ pub async fn serve_until(
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
 
-    let postgres = if config.postgres.enabled {
-        Some(
-            PostgresSink::connect(&config.postgres)
-                .await
-                .context("postgres")?,
-        )
-    } else {
-        None
-    };
-    let influx = if config.influxdb.enabled {
-        Some(InfluxSink::new(&config.influxdb).context("influxdb")?)
-    } else {
-        None
-    };
-    let sqlite = if config.sqlite.enabled {
-        Some(SqliteSink::open(&config.sqlite).await.with_context(|| {
-            format!(
-                "opening the SQLite store at {}",
-                config.sqlite.path.display()
-            )
-        })?)
-    } else {
-        None
-    };
-    // The read API and client lookups get their own pool, every statement
-    // bounded by `read_api.statement_timeout_ms`: a costly query is cut
-    // off, and it cannot take the sink's connections.
-    let db = match (&postgres, &sqlite) {
-        (Some(_), _) => Some(Db::Postgres(crate::db::read_pool(
-            &config.postgres,
-            config.read_api.statement_timeout_ms,
-        )?)),
-        (None, Some(lite)) => Some(Db::Sqlite(lite.pool().clone())),
-        (None, None) => None,
-    };
+    let sinks = crate::sinks::build(&config).await?;
+    let probes: Vec<_> = sinks.iter().map(|s| s.probe.clone()).collect();
+    let db = sinks.iter().find_map(|s| s.events_db.clone());
     let spool = Spool::open(
         &config.spool.path,
         &SpoolOptions {
@@ -87,7 +51,7 @@ pub async fn serve_until(
             handoff_max_bytes: config.delivery.handoff_max_bytes,
             dead_letters_max_bytes: config.spool.dead_letters_max_bytes,
         },
-        config.sink_names(),
+        crate::sinks::enabled_names(&config),
         metrics.clone(),
     )
     .await
@@ -113,16 +77,10 @@ pub async fn serve_until(
         metrics: metrics.clone(),
         geoip,
     });
-    let mut workers = Vec::new();
-    if let Some(pg) = &postgres {
-        workers.extend(delivery::spawn(pg, &ctx, &stop_rx));
-    }
-    if let Some(lite) = &sqlite {
-        workers.extend(delivery::spawn(lite, &ctx, &stop_rx));
-    }
-    if let Some(influx) = &influx {
-        workers.extend(delivery::spawn(influx, &ctx, &stop_rx));
-    }
+    let workers: Vec<_> = sinks
+        .into_iter()
+        .flat_map(|sink| sink.start(&ctx, &stop_rx))
+        .collect();
 
     let state = Arc::new(AppState {
         ring: config.key_ring(),
@@ -156,7 +114,7 @@ pub async fn serve_until(
         )?,
         // Cursors are signed with a key derived from the first edge key:
         // rotating it invalidates outstanding cursors, nothing else.
-        cursor_key: crate::query::CursorKey::derive(
+        cursor_key: crate::read_api::CursorKey::derive(
             config
                 .edge_keys
                 .first()
@@ -164,7 +122,7 @@ pub async fn serve_until(
                 .unwrap_or_default(),
         ),
         db,
-        influx,
+        sinks: probes,
         retry_after_secs: config.server.retry_after_secs,
         request_timeout: Duration::from_millis(config.server.request_timeout_ms),
         in_flight: Arc::new(tokio::sync::Semaphore::new(

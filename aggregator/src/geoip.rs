@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use maxminddb::{Reader, geoip2};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Redacted;
+use crate::redacted::Redacted;
 use crate::telemetry::{GeoLabel, Metrics};
 
 /// `[geoip]`

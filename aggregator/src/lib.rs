@@ -2,20 +2,18 @@
 //!
 //! Data flows one way: `http` (verify, decode, validate) → `spool` (ack
 //! after fsync; `handoff` keeps the decoded batch in memory) → `delivery`
-//! (one worker per sink: decode unless handed off, dedup, write) → `sinks`. `app` wires them from `config`; `telemetry` names every metric.
+//! (one worker per sink: decode unless handed off, dedup, write) → `sinks`.
+//! `read_api` answers queries from the stored events. `app` wires them
+//! from `config`; `telemetry` names every metric. The command line and its
+//! tools (`outpost dev`, `edge`, `bench`, `clients`, `spool`) are the
+//! binary's, in `src/cmd/`, outside this library.
 
 pub mod app;
-pub mod bench;
 pub mod clients;
-pub mod clients_cmd;
 pub mod config;
 pub mod db;
 pub mod dedup;
 pub mod delivery;
-#[cfg(feature = "edge-host")]
-pub mod dev_cmd;
-#[cfg(feature = "edge-host")]
-pub mod edge_cmd;
 pub mod geoip;
 pub mod geoip_download;
 pub mod handoff;
@@ -23,9 +21,9 @@ pub mod http;
 pub mod http_client;
 pub mod limits;
 pub mod openapi;
-pub mod query;
+pub mod read_api;
+pub mod redacted;
 pub mod server;
 pub mod sinks;
 pub mod spool;
-pub mod spool_cmd;
 pub mod telemetry;

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{Row, Sink, SinkError};
-use crate::config::Redacted;
+use crate::redacted::Redacted;
 
 /// Which write API to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,7 +286,7 @@ fn point_time_ns(millis: i64, event_id: &str) -> i64 {
 
 impl Sink for InfluxSink {
     fn name(&self) -> &'static str {
-        "influxdb"
+        NAME
     }
 
     async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
@@ -322,6 +322,25 @@ impl Sink for InfluxSink {
             Ok((200..=299, _)) | Ok((400, _))
         )
     }
+}
+
+/// This sink's name.
+pub const NAME: &str = "influxdb";
+
+/// The InfluxDB sink, for `sinks::KINDS`.
+pub const KIND: super::Kind = super::Kind {
+    name: NAME,
+    enabled: |config| config.influxdb.enabled,
+    build,
+};
+
+fn build(config: &crate::config::Config) -> super::Building<'_> {
+    Box::pin(async move {
+        Ok(super::Configured::new(
+            InfluxSink::new(&config.influxdb)?,
+            None,
+        ))
+    })
 }
 
 #[cfg(test)]

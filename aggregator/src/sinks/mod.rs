@@ -1,12 +1,27 @@
 //! Sinks: where delivered events end up. Each sink implements [`Sink`] and
-//! gets its own delivery worker and spool cursor (see `delivery.rs`), so a
+//! gets its own delivery workers and spool cursor (see `delivery.rs`), so a
 //! slow or dead sink never blocks another.
+//!
+//! Each sink's module owns all of it: its configuration section, its
+//! construction, its readiness probe and its name, published as one
+//! [`Kind`]. [`KINDS`] lists them and [`build`] makes the configured ones;
+//! nothing else names a sink. Adding one is a new module, its line in
+//! [`KINDS`] and its section in `config::Config`.
 
 pub mod influxdb;
 pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::delivery::DeliveryContext;
 
 use outpost_shared::event::{EdgeFacts, Event};
 use outpost_shared::frame::BatchId;
@@ -104,4 +119,107 @@ pub trait Sink: Send + Sync + 'static {
     fn write(&self, rows: &[Row<'_>]) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// For readiness.
     fn ping(&self) -> impl Future<Output = bool> + Send;
+}
+
+/// A future a sink's builder returns.
+pub type Building<'a> = Pin<Box<dyn Future<Output = anyhow::Result<Configured>> + Send + 'a>>;
+
+/// One kind of sink, as its module publishes it.
+pub struct Kind {
+    /// Its name: spool cursor, metrics label, readiness check, logs.
+    pub name: &'static str,
+    /// Whether the configuration turns it on.
+    pub enabled: fn(&Config) -> bool,
+    /// Connects or opens it (only called when enabled).
+    pub build: for<'a> fn(&'a Config) -> Building<'a>,
+}
+
+/// Every sink Outpost has, in start-up order.
+pub const KINDS: &[Kind] = &[postgres::KIND, sqlite::KIND, influxdb::KIND];
+
+/// The names of the sinks `config` turns on.
+pub fn enabled_names(config: &Config) -> Vec<&'static str> {
+    KINDS
+        .iter()
+        .filter(|k| (k.enabled)(config))
+        .map(|k| k.name)
+        .collect()
+}
+
+/// Builds every sink `config` turns on, in [`KINDS`] order.
+pub async fn build(config: &Config) -> anyhow::Result<Vec<Configured>> {
+    let mut built = Vec::new();
+    for kind in KINDS.iter().filter(|k| (k.enabled)(config)) {
+        let sink = (kind.build)(config)
+            .await
+            .map_err(|e| e.context(kind.name))?;
+        built.push(sink);
+    }
+    Ok(built)
+}
+
+/// A sink built from the configuration, ready to wire: its readiness
+/// probe, how to start its delivery workers, and — for a sink that stores
+/// events the read API can query — the database to read them from.
+pub struct Configured {
+    /// Its readiness probe.
+    pub probe: Probe,
+    /// The database the read API and client records use, when this sink is
+    /// the event store (PostgreSQL, SQLite).
+    pub events_db: Option<Db>,
+    start: Start,
+}
+
+/// Starts a sink's delivery workers.
+type Start =
+    Box<dyn FnOnce(&Arc<DeliveryContext>, &watch::Receiver<bool>) -> Vec<JoinHandle<()>> + Send>;
+
+impl Configured {
+    /// A sink with its workers to start and its probe.
+    pub fn new<S: Sink + Clone>(sink: S, events_db: Option<Db>) -> Configured {
+        let probe = Probe {
+            name: sink.name(),
+            sink: Arc::new(sink.clone()),
+        };
+        Configured {
+            probe,
+            events_db,
+            start: Box::new(move |ctx, stop| crate::delivery::spawn(&sink, ctx, stop)),
+        }
+    }
+
+    /// Starts the sink's delivery workers.
+    pub fn start(
+        self,
+        ctx: &Arc<DeliveryContext>,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        (self.start)(ctx, stop)
+    }
+}
+
+/// A sink's readiness probe, by name.
+#[derive(Clone)]
+pub struct Probe {
+    /// The sink's name.
+    pub name: &'static str,
+    sink: Arc<dyn Ping>,
+}
+
+impl Probe {
+    /// Whether the sink answers.
+    pub async fn ping(&self) -> bool {
+        self.sink.ping_boxed().await
+    }
+}
+
+/// [`Sink::ping`], callable through `dyn`.
+trait Ping: Send + Sync {
+    fn ping_boxed(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+impl<S: Sink> Ping for S {
+    fn ping_boxed(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(self.ping())
+    }
 }

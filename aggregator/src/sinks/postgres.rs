@@ -20,11 +20,37 @@ use std::collections::HashMap;
 use std::io::Write as _;
 
 use chrono::{DateTime, Datelike as _, Timelike as _};
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use super::{Row, Sink, SinkError};
-use crate::config::PostgresConfig;
+use crate::redacted::Redacted;
+
+/// `[postgres]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Whether the PostgreSQL sink is on.
+    pub enabled: bool,
+    /// Connection URL (may hold the password; never printed).
+    pub url: Redacted,
+    /// Run `migrations/postgres` at start-up.
+    pub migrate_on_start: bool,
+    /// Connection pool size.
+    pub max_connections: u32,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            enabled: true,
+            url: Redacted::from("postgres://postgres@127.0.0.1:5432/outpost"),
+            migrate_on_start: true,
+            max_connections: 8,
+        }
+    }
+}
 
 /// Embedded migrations (`migrations/postgres`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -229,7 +255,7 @@ fn sink_error(e: &sqlx::Error) -> SinkError {
 
 impl Sink for PostgresSink {
     fn name(&self) -> &'static str {
-        "postgres"
+        NAME
     }
 
     async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
@@ -619,6 +645,30 @@ impl<'a> Counts<'a> {
             .bind(self.value)
             .bind(self.events)
     }
+}
+
+/// This sink's name.
+pub const NAME: &str = "postgres";
+
+/// The PostgreSQL sink, for `sinks::KINDS`.
+pub const KIND: super::Kind = super::Kind {
+    name: NAME,
+    enabled: |config| config.postgres.enabled,
+    build,
+};
+
+fn build(config: &crate::config::Config) -> super::Building<'_> {
+    Box::pin(async move {
+        let sink = PostgresSink::connect(&config.postgres).await?;
+        // The read API and client lookups get their own pool, every
+        // statement bounded by `read_api.statement_timeout_ms`: a costly
+        // query is cut off, and it cannot take the sink's connections.
+        let read = crate::db::read_pool(&config.postgres, config.read_api.statement_timeout_ms)?;
+        Ok(super::Configured::new(
+            sink,
+            Some(crate::db::Db::Postgres(read)),
+        ))
+    })
 }
 
 #[cfg(test)]

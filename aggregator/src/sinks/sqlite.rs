@@ -6,13 +6,35 @@
 //! acknowledged batch durable, and a batch is redelivered until this
 //! write has committed.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::{Row, Sink, SinkError};
-use crate::config::SqliteConfig;
+
+/// `[sqlite]`: events, client records and the query API in one SQLite
+/// file instead of PostgreSQL, for one machine (`outpost dev`, small
+/// installs). Turn `[postgres]` off when this is on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqliteConfig {
+    /// Whether the SQLite store is on.
+    pub enabled: bool,
+    /// The database file (created, with its directory, when missing).
+    pub path: PathBuf,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        SqliteConfig {
+            enabled: false,
+            path: PathBuf::from("data/events.db"),
+        }
+    }
+}
 
 /// Embedded migrations (`migrations/sqlite`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -106,7 +128,7 @@ impl SqliteSink {
 
 impl Sink for SqliteSink {
     fn name(&self) -> &'static str {
-        "sqlite"
+        NAME
     }
 
     async fn write(&self, rows: &[Row<'_>]) -> Result<(), SinkError> {
@@ -124,4 +146,27 @@ impl Sink for SqliteSink {
     async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
+}
+
+/// This sink's name.
+pub const NAME: &str = "sqlite";
+
+/// The SQLite store, for `sinks::KINDS`.
+pub const KIND: super::Kind = super::Kind {
+    name: NAME,
+    enabled: |config| config.sqlite.enabled,
+    build,
+};
+
+fn build(config: &crate::config::Config) -> super::Building<'_> {
+    Box::pin(async move {
+        let sink = SqliteSink::open(&config.sqlite).await.map_err(|e| {
+            e.context(format!(
+                "opening the SQLite store at {}",
+                config.sqlite.path.display()
+            ))
+        })?;
+        let db = crate::db::Db::Sqlite(sink.pool().clone());
+        Ok(super::Configured::new(sink, Some(db)))
+    })
 }

@@ -6,6 +6,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(query) = std::str::from_utf8(data) {
-        outpost_aggregator::query::fuzz_query_string(query);
+        outpost_aggregator::read_api::fuzz_query_string(query);
     }
 });

@@ -1,0 +1,302 @@
+//! `GET /v1/stats`: events (and distinct users) per time bucket, grouped
+//! by at most one dimension. Counts come from PostgreSQL's per-minute
+//! rollups (`event_counts`) when they can answer; otherwise from the rows,
+//! within a bounded time span.
+
+use std::collections::BTreeMap;
+
+use outpost_shared::ErrorCode;
+use outpost_shared::client::ClientRecord;
+use outpost_shared::event::Timestamp;
+use serde::Serialize;
+use sqlx::{Database, Encode, QueryBuilder, Type};
+use utoipa::ToSchema;
+
+use super::QueryError;
+use super::params::{Query, parse_stats, scope_to_caller};
+use super::sql::{Dialect, dialect, push_filters, unavailable};
+use crate::db::Db;
+
+/// One point of `GET /v1/stats`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsPoint {
+    /// Start of the bucket (RFC 3339, UTC).
+    #[schema(value_type = String)]
+    pub bucket: Timestamp,
+    /// Events in it.
+    pub events: i64,
+    /// With `users=true`: distinct user ids in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<i64>,
+    /// With `group_by`: the group's value, under the dimension's name
+    /// (`name`, `kind`, `country`, `platform`, `app_version`, `client`,
+    /// `level` or `priority`); null for events without one.
+    #[serde(flatten)]
+    #[schema(required = false)]
+    pub group: BTreeMap<String, Option<String>>,
+}
+
+/// The answer of `GET /v1/stats`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatsAnswer {
+    /// `minute`, `hour` or `day`.
+    pub bucket: &'static str,
+    /// The grouped dimension, or null.
+    pub group_by: Option<&'static str>,
+    /// `rollup` (PostgreSQL's per-minute counts) or `events` (the rows).
+    pub source: &'static str,
+    /// The points, by bucket then group.
+    pub series: Vec<StatsPoint>,
+    /// The request id.
+    pub request_id: String,
+}
+
+/// Most rows (buckets × groups) one stats answer may hold.
+pub const MAX_STATS_ROWS: i64 = 10_000;
+
+/// The stats answer (its `request_id` is the handler's to fill in):
+/// events and distinct users per time bucket, optionally
+/// grouped by one dimension, with the same filters as `/v1/events`. Without
+/// `from`, the last 24 hours.
+///
+/// A query the rollups cannot answer reads rows: its `to - from` may be at
+/// most `max_scan_span_secs` (`40019` beyond).
+pub async fn stats(
+    db: &Db,
+    who: &ClientRecord,
+    params: &[(String, String)],
+    now_ms: i64,
+    max_scan_span_secs: u64,
+) -> Result<StatsAnswer, QueryError> {
+    if !who.permissions.allows("read", "stats") {
+        return Err(QueryError(
+            ErrorCode::PermissionDenied,
+            "needs read:stats".into(),
+        ));
+    }
+    let (mut q, bucket, group, with_users) = parse_stats(params)?;
+    scope_to_caller(&mut q, who)?;
+    // The last 24 hours, from the start of that minute.
+    q.from_us
+        .get_or_insert((now_ms.saturating_sub(86_400_000) / 60_000) * 60_000_000);
+    let series = match db {
+        Db::Postgres(p) if !with_users => match rollup_plan(&q, group) {
+            Some(plan) => Some(rollup_stats(p, &plan, &q, bucket).await?),
+            None => None,
+        },
+        _ => None,
+    };
+    let (rows, source) = match series {
+        Some(rows) => (rows, "rollup"),
+        None => {
+            let from = q.from_us.unwrap_or(0);
+            let to = q.to_us.unwrap_or(now_ms.saturating_mul(1000));
+            let span_secs = u64::try_from(to.saturating_sub(from) / 1_000_000).unwrap_or(0);
+            if span_secs > max_scan_span_secs {
+                return Err(QueryError(
+                    ErrorCode::QueryRangeTooLarge,
+                    format!(
+                        "this query reads every matching event (distinct users, or a filter the per-minute counts cannot answer): its from..to may span at most {} s (read_api.max_scan_span_secs), this one spans {span_secs} s",
+                        max_scan_span_secs
+                    ),
+                ));
+            }
+            (
+                scan_stats(db, &q, bucket, group, with_users).await?,
+                "events",
+            )
+        }
+    };
+    if rows.len() as i64 > MAX_STATS_ROWS {
+        return Err(QueryError::param(
+            "bucket",
+            "too many buckets and groups: narrow the range or use a larger bucket",
+        ));
+    }
+    let series = rows
+        .into_iter()
+        .map(|r| StatsPoint {
+            bucket: Timestamp(r.b),
+            events: r.events,
+            users: with_users.then_some(r.users),
+            group: group
+                .map(|(name, _)| BTreeMap::from([((*name).to_owned(), r.k)]))
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok(StatsAnswer {
+        bucket,
+        group_by: group.map(|(n, _)| *n),
+        source,
+        series,
+        request_id: String::new(),
+    })
+}
+
+/// Stats dimensions the PostgreSQL rollups (`event_counts.dim`) count by.
+const ROLLUP_DIMS: &[&str] = &[
+    "kind",
+    "name",
+    "country",
+    "platform",
+    "app_version",
+    "level",
+    "priority",
+];
+
+/// How a stats query is answered from the rollups.
+struct RollupPlan {
+    /// `event_counts.dim`.
+    dim: &'static str,
+    /// `event_counts.value` must equal this (a filter on that dimension).
+    value: Option<String>,
+    /// The group key column.
+    key: &'static str,
+}
+
+/// Whether the rollups can answer exactly: whole minutes, and no filter
+/// but the client and at most one dimension — the grouped one, if any.
+fn rollup_plan(q: &Query, group: Option<&(&str, &str)>) -> Option<RollupPlan> {
+    const MINUTE_US: i64 = 60_000_000;
+    if q.from_us.is_some_and(|f| f % MINUTE_US != 0) || q.to_us.is_some_and(|t| t % MINUTE_US != 0)
+    {
+        return None;
+    }
+    let mut dim_filter = None;
+    for name in q.filters.keys() {
+        if name == "client_id" {
+            continue;
+        }
+        let dim = ROLLUP_DIMS.iter().find(|d| **d == name)?;
+        if dim_filter.replace(*dim).is_some() {
+            return None;
+        }
+    }
+    let value = dim_filter.and_then(|d| q.filters.get(d).cloned());
+    match (group.map(|(n, _)| *n), dim_filter) {
+        (None, f) => Some(RollupPlan {
+            dim: f.unwrap_or(""),
+            value,
+            key: "NULL::text",
+        }),
+        (Some("client"), f) => Some(RollupPlan {
+            dim: f.unwrap_or(""),
+            value,
+            key: "client_id",
+        }),
+        (Some(g), f) if f.is_none_or(|f| f == g) => Some(RollupPlan {
+            dim: ROLLUP_DIMS.iter().find(|d| **d == g)?,
+            value,
+            key: "value",
+        }),
+        _ => None,
+    }
+}
+
+async fn rollup_stats(
+    pool: &sqlx::PgPool,
+    plan: &RollupPlan,
+    q: &Query,
+    bucket: &str,
+) -> Result<Vec<StatsRow>, QueryError> {
+    // `m` and `key` come from fixed lists, never from input.
+    let m = bucket_micros(bucket) / 60_000_000;
+    let mut sql = QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT (minute / {m}) * {m} * 60000 AS b, {} AS k, sum(events)::int8 AS events, \
+         0::int8 AS users FROM event_counts WHERE dim = ",
+        plan.key
+    ));
+    sql.push_bind(plan.dim);
+    if let Some(v) = &plan.value {
+        sql.push(" AND value = ").push_bind(v.clone());
+    }
+    if let Some(c) = q.filters.get("client_id") {
+        sql.push(" AND client_id = ").push_bind(c.clone());
+    }
+    if let Some(f) = q.from_us {
+        sql.push(" AND minute >= ").push_bind(f / 60_000_000);
+    }
+    if let Some(t) = q.to_us {
+        sql.push(" AND minute < ").push_bind(t / 60_000_000);
+    }
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
+        .push_bind(MAX_STATS_ROWS + 1);
+    sql.build_query_as()
+        .fetch_all(pool)
+        .await
+        .map_err(unavailable)
+}
+
+/// Stats from the events themselves (SQLite; distinct users; filters the
+/// rollups do not keep).
+async fn scan_stats(
+    db: &Db,
+    q: &Query,
+    bucket: &str,
+    group: Option<&(&str, &str)>,
+    with_users: bool,
+) -> Result<Vec<StatsRow>, QueryError> {
+    // `bucket` and `column` come from the fixed lists above, never from input.
+    let d = dialect(db);
+    let column = group.map_or(d.null_text, |(_, c)| c);
+    let bucket_ms = match db {
+        Db::Postgres(_) => format!(
+            "(extract(epoch from date_trunc('{bucket}', ts AT TIME ZONE 'UTC')) * 1000)::int8"
+        ),
+        Db::Sqlite(_) => {
+            let us = bucket_micros(bucket);
+            format!("(ts_us / {us}) * {us} / 1000")
+        }
+    };
+    let users = if with_users {
+        "count(DISTINCT user_id)"
+    } else {
+        "0"
+    };
+    let int8 = d.int8;
+    let select = format!(
+        "SELECT {bucket_ms} AS b, {column} AS k, count(*){int8} AS events, {users}{int8} AS users \
+         FROM events WHERE true"
+    );
+    match db {
+        Db::Postgres(p) => {
+            let mut sql = stats_sql::<sqlx::Postgres>(select, d, q);
+            sql.build_query_as().fetch_all(p).await
+        }
+        Db::Sqlite(p) => {
+            let mut sql = stats_sql::<sqlx::Sqlite>(select, d, q);
+            sql.build_query_as().fetch_all(p).await
+        }
+    }
+    .map_err(unavailable)
+}
+
+/// One row of a stats answer.
+#[derive(sqlx::FromRow)]
+struct StatsRow {
+    b: i64,
+    k: Option<String>,
+    events: i64,
+    users: i64,
+}
+
+fn bucket_micros(bucket: &str) -> i64 {
+    match bucket {
+        "minute" => 60_000_000,
+        "day" => 86_400_000_000,
+        _ => 3_600_000_000,
+    }
+}
+
+fn stats_sql<'a, DB: Database>(select: String, d: &Dialect, q: &Query) -> QueryBuilder<'a, DB>
+where
+    String: Encode<'a, DB> + Type<DB>,
+    i64: Encode<'a, DB> + Type<DB>,
+    DB::Arguments<'a>: Default,
+{
+    let mut sql = QueryBuilder::new(select);
+    push_filters(&mut sql, d, q);
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
+        .push_bind(MAX_STATS_ROWS + 1);
+    sql
+}
