@@ -27,7 +27,45 @@ use outpost_shared::frame::{self, BatchId, EdgeKey, FrameMeta};
 use outpost_shared::sample::typical_batch;
 use serde::Serialize;
 
-use crate::delivery::now_ms;
+use outpost_aggregator::delivery::now_ms;
+
+/// `outpost bench`'s options.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Aggregator base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Config file whose first edge key signs the frames (or OUTPOST_EDGE_KEYS).
+    #[arg(long, short, env = "OUTPOST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// Frames to send.
+    #[arg(long, default_value_t = 1000)]
+    pub frames: usize,
+    /// Events per frame.
+    #[arg(long, default_value_t = 100)]
+    pub events_per_frame: usize,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Frames per second in total (default: flat out).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Wait until PostgreSQL has every event and report the end-to-end rate.
+    #[arg(long)]
+    pub wait_delivery: bool,
+    /// Also time a raw COPY of the same rows into this PostgreSQL (migrated) database.
+    #[arg(long)]
+    pub baseline_postgres: Option<String>,
+    /// PID of the server, to report its peak RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Client id the frames carry.
+    #[arg(long, default_value = "bench")]
+    pub client_id: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -203,7 +241,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let req = hyper::Request::post(uri.clone())
-                    .header(hyper::header::CONTENT_TYPE, crate::http::FRAME_CONTENT_TYPE)
+                    .header(
+                        hyper::header::CONTENT_TYPE,
+                        outpost_aggregator::http::FRAME_CONTENT_TYPE,
+                    )
                     .body(Full::new(frames[i].clone()));
                 let t = Instant::now();
                 let outcome = match req {
@@ -504,4 +545,33 @@ impl BenchReport {
         }
         s
     }
+}
+
+/// `outpost bench`: load, wait, report (text or JSON).
+pub fn main(a: BenchArgs) -> anyhow::Result<()> {
+    let config = outpost_aggregator::config::Config::load_unchecked(a.config.as_deref())?;
+    let key = config
+        .edge_keys
+        .first()
+        .cloned()
+        .context("no edge key: pass --config or set OUTPOST_EDGE_KEYS")?;
+    let opts = BenchOptions {
+        url: a.url,
+        key,
+        frames: a.frames,
+        events_per_frame: a.events_per_frame,
+        concurrency: a.concurrency,
+        rate: a.rate,
+        wait_delivery: a.wait_delivery || a.baseline_postgres.is_some(),
+        baseline_postgres: a.baseline_postgres,
+        server_pid: a.server_pid,
+        client_id: a.client_id,
+    };
+    let report = super::runtime()?.block_on(run(opts))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
 }

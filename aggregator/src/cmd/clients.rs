@@ -13,8 +13,8 @@ use outpost_shared::event::Timestamp;
 use outpost_shared::ratelimit::RateLimit;
 use serde_json::{Value, json};
 
-use crate::clients::{ClientStore, random_bytes};
-use crate::delivery::now_ms;
+use outpost_aggregator::clients::{ClientStore, random_bytes};
+use outpost_aggregator::delivery::now_ms;
 
 /// How a new client authenticates (command-line names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -330,4 +330,150 @@ pub async fn sign(
         h["X-Outpost-Nonce"] = Value::from(n);
     }
     Ok(h)
+}
+
+#[derive(clap::Subcommand)]
+pub enum ClientsCommand {
+    /// Create a client; its secret or API key is printed once.
+    Create(CreateArgs),
+    /// List clients (no key material).
+    List,
+    /// Show one client (no key material).
+    Show {
+        /// Client id.
+        id: String,
+    },
+    /// Stop a client from sending (edges notice within their cache TTL).
+    Revoke {
+        /// Client id.
+        id: String,
+    },
+    /// Let a revoked client send again.
+    Activate {
+        /// Client id.
+        id: String,
+    },
+    /// Issue a new secret or API key; the old one works for the grace period.
+    Rotate {
+        /// Client id.
+        id: String,
+        /// How long the old credential keeps working, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        grace_secs: u64,
+    },
+    /// Delete a client for good.
+    Delete {
+        /// Client id.
+        id: String,
+        /// Yes, really.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the signature headers for a request, with the client's HMAC secret.
+    Sign {
+        /// Client id.
+        id: String,
+        /// HTTP method.
+        #[arg(long, default_value = "POST")]
+        method: String,
+        /// Path and query.
+        #[arg(long, default_value = "/v1/batch")]
+        path: String,
+        /// Body (default: empty).
+        #[arg(long, default_value = "")]
+        body: String,
+        /// Nonce.
+        #[arg(long)]
+        nonce: Option<String>,
+    },
+}
+
+/// `outpost clients …`: JSON with `--json`, else readable lines.
+pub fn main(
+    config: Option<&std::path::Path>,
+    json: bool,
+    command: ClientsCommand,
+) -> anyhow::Result<()> {
+    let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    let out = super::runtime()?.block_on(async {
+        let db = outpost_aggregator::db::open(&config).await?;
+        let store = outpost_aggregator::clients::ClientStore::new(
+            db,
+            outpost_aggregator::clients::SecretsKey::from_env()?,
+        );
+        match command {
+            ClientsCommand::Create(a) => create(&store, &a).await,
+            ClientsCommand::List => list(&store).await,
+            ClientsCommand::Show { id } => show(&store, &id).await,
+            ClientsCommand::Revoke { id } => set_active(&store, &id, false).await,
+            ClientsCommand::Activate { id } => set_active(&store, &id, true).await,
+            ClientsCommand::Rotate { id, grace_secs } => rotate(&store, &id, grace_secs).await,
+            ClientsCommand::Delete { id, force } => delete(&store, &id, force).await,
+            ClientsCommand::Sign {
+                id,
+                method,
+                path,
+                body,
+                nonce,
+            } => {
+                sign(
+                    &store,
+                    &id,
+                    &method,
+                    &path,
+                    body.as_bytes(),
+                    nonce.as_deref(),
+                )
+                .await
+            }
+        }
+    })?;
+    if json {
+        println!("{out}");
+    } else {
+        print_text(&out);
+    }
+    Ok(())
+}
+
+/// Human-readable output: one `key: value` line per field, one line per
+/// list entry.
+fn print_text(v: &serde_json::Value) {
+    let scalar = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match v {
+        serde_json::Value::Array(items) => {
+            for i in items {
+                println!(
+                    "{:<24} {:<10} {:<6} {} [{}]",
+                    scalar(&i["id"]),
+                    scalar(&i["method"]),
+                    if i["active"] == true {
+                        "active"
+                    } else {
+                        "REVOKED"
+                    },
+                    scalar(&i["name"]),
+                    i["permissions"]
+                        .as_array()
+                        .map(|p| p.iter().map(scalar).collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                println!("{k}: {}", scalar(v));
+            }
+            if map
+                .keys()
+                .any(|k| k == "secret" || k == "api_key" || k == "jwt_secret")
+            {
+                println!("(store the secret now: it is not shown again)");
+            }
+        }
+        other => println!("{}", scalar(other)),
+    }
 }

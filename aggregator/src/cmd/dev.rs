@@ -24,9 +24,9 @@ use outpost_shared::frame::EdgeKey;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::clients::{ClientStore, SecretsKey, random_bytes};
-use crate::clients_cmd::{CreateArgs, MethodArg};
-use crate::config::{Config, DedupBackend, SqliteConfig};
+use crate::cmd::clients::{CreateArgs, MethodArg};
+use outpost_aggregator::clients::{ClientStore, SecretsKey, random_bytes};
+use outpost_aggregator::config::{Config, DedupBackend, SqliteConfig};
 
 /// What `outpost dev` takes.
 #[derive(Debug, Clone)]
@@ -137,7 +137,7 @@ pub async fn prepare(opts: &DevOptions) -> anyhow::Result<Credentials> {
         read_api_key: String::new(),
     };
     let config = config(opts, &creds)?;
-    let db = crate::db::open(&config).await?;
+    let db = outpost_aggregator::db::open(&config).await?;
     let store = ClientStore::new(db, Some(SecretsKey::from_base64(&secrets_key)?));
     let field = |v: &Value, name: &str| -> anyhow::Result<String> {
         v[name]
@@ -149,18 +149,18 @@ pub async fn prepare(opts: &DevOptions) -> anyhow::Result<Credentials> {
     for id in [WEB, SERVER, READER] {
         store.delete(id).await?;
     }
-    crate::clients_cmd::create(
+    crate::cmd::clients::create(
         &store,
         &create_args(WEB, "Demo web app", MethodArg::WriteKey, &["write:events"]),
     )
     .await?;
-    let server = crate::clients_cmd::create(
+    let server = crate::cmd::clients::create(
         &store,
         &create_args(SERVER, "Demo server", MethodArg::Hmac, &["write:events"]),
     )
     .await?;
     creds.hmac_secret = field(&server, "secret")?;
-    let reader = crate::clients_cmd::create(
+    let reader = crate::cmd::clients::create(
         &store,
         &create_args(
             READER,
@@ -343,10 +343,14 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut aggregator = tokio::spawn(crate::app::serve_until(config, Some(secrets), stopped()));
+    let mut aggregator = tokio::spawn(outpost_aggregator::app::serve_until(
+        config,
+        Some(secrets),
+        stopped(),
+    ));
     // Print once the aggregator answers, so the examples work when read.
     let url = format!("http://{}/health/ready", opts.listen);
-    let client = crate::http_client::client();
+    let client = outpost_aggregator::http_client::client();
     for _ in 0..200 {
         if aggregator.is_finished() {
             break;
@@ -367,7 +371,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
 
     // Until a signal, or until the aggregator stops by itself (an error).
     let early = tokio::select! {
-        _ = crate::app::shutdown_signal() => None,
+        _ = outpost_aggregator::app::shutdown_signal() => None,
         r = &mut aggregator => Some(r),
     };
     let _ = stop_tx.send(true);
@@ -379,4 +383,15 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         edge.await??;
     }
     result
+}
+
+/// `outpost dev`: quiet logs, then [`run`].
+pub fn main(opts: DevOptions) -> anyhow::Result<()> {
+    let log = outpost_aggregator::config::LogConfig {
+        level: "warn,outpost_aggregator=info".into(),
+        ..Default::default()
+    };
+    outpost_aggregator::telemetry::init_logging(&log);
+    super::runtime()?.block_on(run(opts))?;
+    Ok(())
 }

@@ -75,8 +75,17 @@ pub async fn run(cfg: HostConfig, listen: Option<SocketAddr>) -> anyhow::Result<
         });
     }
     tracing::info!(%addr, %component, "edge listening");
-    host.serve(listener, crate::app::shutdown_signal()).await?;
+    host.serve(listener, outpost_aggregator::app::shutdown_signal())
+        .await?;
     tracing::info!("edge stopped");
+    Ok(())
+}
+
+/// `outpost edge`: the component under wasmtime until Ctrl-C.
+pub fn main(config: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    outpost_aggregator::telemetry::init_logging(&Default::default());
+    let cfg = load(config, std::env::vars())?;
+    super::runtime()?.block_on(run(cfg, listen))?;
     Ok(())
 }
 

@@ -21,9 +21,9 @@ use outpost_shared::event::{EdgeFacts, Event, Timestamp};
 use outpost_shared::frame::{self, Batch, BatchId, FrameMeta};
 use serde_json::{Value, json};
 
-use crate::config::Config;
-use crate::delivery::now_ms;
-use crate::spool::{self, StoredDeadLetter};
+use outpost_aggregator::config::Config;
+use outpost_aggregator::delivery::now_ms;
+use outpost_aggregator::spool::{self, StoredDeadLetter};
 
 /// `outpost spool status`: each sink the spool knows with its backlog, and
 /// the dead letters held.
@@ -228,7 +228,7 @@ pub async fn replay(config: &Config, sel: &Selection, url: &str) -> anyhow::Resu
             .push(d.id);
     }
 
-    let client = crate::http_client::client();
+    let client = outpost_aggregator::http_client::client();
     let ingest = format!("{}/v1/ingest", url.trim_end_matches('/'));
     let send = |body: Vec<u8>| {
         let client = client.clone();
@@ -320,4 +320,94 @@ pub async fn replay(config: &Config, sel: &Selection, url: &str) -> anyhow::Resu
         "still_dead": still,
         "unreadable": unreadable,
     }))
+}
+
+#[derive(clap::Subcommand)]
+pub enum SpoolCommand {
+    /// Each sink the spool holds batches for, with its backlog, and the dead letters.
+    Status,
+    /// Drop the backlog of a sink no longer configured (the aggregator
+    /// refuses to start while one is left).
+    DropSink {
+        /// The sink (`postgres`, `sqlite`, `influxdb`).
+        name: String,
+        /// Yes, drop its undelivered batches for good.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum DeadLettersCommand {
+    /// Dead letters, oldest first, without payloads.
+    List {
+        #[command(flatten)]
+        selection: Selection,
+        /// Most to list.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter with its payload and the edge's facts.
+    Show {
+        /// Its id (from `list`).
+        id: i64,
+    },
+    /// Send them to the aggregator again (after fixing the cause); those it
+    /// accepts are deleted.
+    Replay {
+        #[command(flatten)]
+        selection: Selection,
+        /// The aggregator (default: from `server.listen`).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Delete them for good.
+    Purge {
+        #[command(flatten)]
+        selection: Selection,
+        /// Only those older than this (RFC 3339).
+        #[arg(long)]
+        before: Option<String>,
+        /// Yes, delete them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `outpost spool …` (prints JSON).
+pub fn spool_main(config: Option<&std::path::Path>, command: SpoolCommand) -> anyhow::Result<()> {
+    let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    let out = super::runtime()?.block_on(async {
+        match command {
+            SpoolCommand::Status => status(&config).await,
+            SpoolCommand::DropSink { name, yes } => drop_sink(&config, &name, yes).await,
+        }
+    })?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `outpost dead-letters …` (prints JSON).
+pub fn dead_letters_main(
+    config: Option<&std::path::Path>,
+    command: DeadLettersCommand,
+) -> anyhow::Result<()> {
+    let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    let out = super::runtime()?.block_on(async {
+        match command {
+            DeadLettersCommand::List { selection, limit } => list(&config, &selection, limit).await,
+            DeadLettersCommand::Show { id } => show(&config, id).await,
+            DeadLettersCommand::Replay { selection, url } => {
+                let url = url.unwrap_or_else(|| super::own_url(&config));
+                replay(&config, &selection, &url).await
+            }
+            DeadLettersCommand::Purge {
+                selection,
+                before,
+                yes,
+            } => purge(&config, &selection, before.as_deref(), yes).await,
+        }
+    })?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }
