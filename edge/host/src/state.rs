@@ -176,7 +176,7 @@ pub(crate) fn outbound_client(connect_timeout: Duration) -> OutboundClient {
     let connector = HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
         // Only fails for a provider without safe defaults; ring has them.
-        .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+        .expect("ring supports the default protocol versions")
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

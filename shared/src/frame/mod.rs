@@ -216,8 +216,7 @@ pub struct FrameMeta<'a> {
 }
 
 fn mac(secret: &Secret) -> Hmac<Sha256> {
-    <Hmac<Sha256> as Mac>::new_from_slice(secret.expose())
-        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+    <Hmac<Sha256> as Mac>::new_from_slice(secret.expose()).expect("HMAC accepts any key length")
 }
 
 fn push_id(out: &mut Vec<u8>, id: &str) -> Result<(), FrameError> {
