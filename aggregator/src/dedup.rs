@@ -57,17 +57,31 @@ pub struct RedisDedup {
     conn: tokio::sync::Mutex<(Option<RedisConn>, Option<Instant>)>,
 }
 
+/// Why Redis could not answer a claim or a release (dedup then fails open).
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// No connection, and the last attempt was less than a second ago.
+    #[error("not connected")]
+    NotConnected,
+    /// Redis did not answer within the claim timeout.
+    #[error("timed out")]
+    TimedOut,
+    /// Redis answered with an error, or the connection failed.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// How often to try connecting while Redis is down.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 impl RedisDedup {
-    async fn connection(&self) -> Result<RedisConn, String> {
+    async fn connection(&self) -> Result<RedisConn, ClaimError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = &guard.0 {
             return Ok(c.clone());
         }
         if guard.1.is_some_and(|t| t.elapsed() < RECONNECT_EVERY) {
-            return Err("not connected".into());
+            return Err(ClaimError::NotConnected);
         }
         guard.1 = Some(Instant::now());
         let conn = tokio::time::timeout(CLAIM_TIMEOUT, async {
@@ -87,8 +101,7 @@ impl RedisDedup {
             }
         })
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ClaimError::TimedOut)??;
         guard.0 = Some(conn.clone());
         Ok(conn)
     }
@@ -253,7 +266,7 @@ async fn redis_claim<C: redis::aio::ConnectionLike>(
     client_id: &str,
     event_ids: &[&str],
     batch: &BatchId,
-) -> Result<Vec<bool>, String> {
+) -> Result<Vec<bool>, ClaimError> {
     if event_ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -270,8 +283,7 @@ async fn redis_claim<C: redis::aio::ConnectionLike>(
     }
     let previous: Vec<Option<String>> = tokio::time::timeout(CLAIM_TIMEOUT, pipe.query_async(conn))
         .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ClaimError::TimedOut)??;
     Ok(previous
         .into_iter()
         .map(|p| p.is_none_or(|v| v == mine))
@@ -289,7 +301,7 @@ async fn redis_release<C: redis::aio::ConnectionLike>(
     client_id: &str,
     event_ids: &[&str],
     batch: &BatchId,
-) -> Result<(), String> {
+) -> Result<(), ClaimError> {
     let mine = batch.to_string();
     let mut pipe = redis::pipe();
     for id in event_ids {
@@ -302,8 +314,8 @@ async fn redis_release<C: redis::aio::ConnectionLike>(
     }
     tokio::time::timeout(CLAIM_TIMEOUT, pipe.query_async::<()>(conn))
         .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| ClaimError::TimedOut)?
+        .map_err(ClaimError::from)
 }
 
 impl MemoryDedup {

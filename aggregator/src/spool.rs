@@ -136,7 +136,7 @@ pub struct StoredDeadLetter {
 }
 
 /// Why an append failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
     /// Over `max_bytes`: shed load.
     #[error("spool is full")]
@@ -172,7 +172,7 @@ impl Drop for Reservation {
 struct Append {
     entry: SpoolEntry,
     reservation: Reservation,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
 /// Handle to the spool; clone freely.
@@ -547,19 +547,13 @@ impl Spool {
             reservation,
             done,
         };
-        let result = match self.appends.send(append).await {
-            Ok(()) => wait
-                .await
-                .unwrap_or_else(|_| Err("spool writer stopped".into())),
-            Err(_) => Err("spool writer stopped".into()),
-        };
-        match result {
-            Ok(()) => {
-                self.metrics.spool_batches.inc();
-                Ok(())
-            }
-            Err(e) => Err(SpoolError::Storage(e)),
+        let stopped = || SpoolError::Storage("spool writer stopped".into());
+        match self.appends.send(append).await {
+            Ok(()) => wait.await.unwrap_or_else(|_| Err(stopped()))?,
+            Err(_) => return Err(stopped()),
         }
+        self.metrics.spool_batches.inc();
+        Ok(())
     }
 
     /// Whether appends should carry their decoded batch (the hand-off is on).
@@ -766,7 +760,7 @@ async fn write_loop(
         }
         let result = commit_group(&mut conn, &group, &sinks, &spool.handoff)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| SpoolError::Storage(e.to_string()));
         spool.metrics.handoff_bytes.set(spool.handoff.bytes());
         if let Err(e) = &result {
             tracing::error!(error = %e, frames = group.len(), "spool commit failed; frames not acknowledged");

@@ -3,6 +3,7 @@
 //! platform's HTTP client); what is sent and what an answer means is
 //! decided here, once.
 
+use outpost_shared::ErrorCode;
 use outpost_shared::auth::signature;
 use outpost_shared::client::ClientRecord;
 use outpost_shared::error::{AcceptedResponse, ErrorEnvelope};
@@ -76,7 +77,45 @@ pub fn client_request(
 /// body (bounded by [`MAX_ANSWER_BYTES`]), within the platform's timeout.
 pub trait Transport {
     /// Sends `req`; `Err` for anything that is not an HTTP answer.
-    fn send(&self, req: OutboundRequest) -> impl Future<Output = Result<(u16, Vec<u8>), String>>;
+    fn send(
+        &self,
+        req: OutboundRequest,
+    ) -> impl Future<Output = Result<(u16, Vec<u8>), TransportError>>;
+}
+
+/// A request the platform could not complete — no HTTP answer — in the
+/// platform's own words (its error types are its own).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(pub String);
+
+impl From<String> for TransportError {
+    fn from(message: String) -> TransportError {
+        TransportError(message)
+    }
+}
+
+/// Why the aggregator gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The request got no HTTP answer.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A client record that does not open with this edge's key (or was
+    /// sealed for another lookup).
+    #[error("the client record does not open with this edge's key")]
+    Unsealed,
+    /// A client record that opens but does not parse.
+    #[error("unreadable client record: {0}")]
+    Unreadable(#[from] serde_json::Error),
+    /// The lookup was answered with an error.
+    #[error("client lookup answered {status}{}", code.map(|c| format!(" ({c})")).unwrap_or_default())]
+    Answered {
+        /// The HTTP status.
+        status: u16,
+        /// The error code of the answer's envelope, when it had one.
+        code: Option<ErrorCode>,
+    },
 }
 
 /// The aggregator as the pipeline sees it, over any [`Transport`]: which
@@ -94,14 +133,14 @@ pub struct Aggregator<'a, T> {
 }
 
 impl<T: Transport> Upstream for Aggregator<'_, T> {
-    type Error = String;
+    type Error = UpstreamError;
 
-    async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, String> {
+    async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, UpstreamError> {
         let (status, body) = self.transport.send(ingest_request(self.url, frame)).await?;
         Ok(ingest_answer(status, &body))
     }
 
-    async fn client(&self, id: &str) -> Result<Option<ClientRecord>, String> {
+    async fn client(&self, id: &str) -> Result<Option<ClientRecord>, UpstreamError> {
         let now_secs = self.now_ms / 1000;
         let req = client_request(self.url, self.cfg, id, now_secs);
         let (status, body) = self.transport.send(req).await?;
@@ -133,20 +172,20 @@ pub fn client_answer(
     key: &SealKey,
     id: &str,
     lookup_secs: i64,
-) -> Result<Option<ClientRecord>, String> {
+) -> Result<Option<ClientRecord>, UpstreamError> {
     match status {
         200 => {
             let plain = key
                 .open(&client_record_context(id, lookup_secs), body)
-                .ok_or("the client record does not open with this edge's key")?;
-            serde_json::from_slice(&plain)
-                .map(Some)
-                .map_err(|e| format!("unreadable client record: {e}"))
+                .ok_or(UpstreamError::Unsealed)?;
+            Ok(Some(serde_json::from_slice(&plain)?))
         }
         404 => Ok(None),
-        s => Err(match serde_json::from_slice::<ErrorEnvelope>(body) {
-            Ok(env) => format!("client lookup answered {s} ({})", env.code),
-            Err(_) => format!("client lookup answered {s}"),
+        status => Err(UpstreamError::Answered {
+            status,
+            code: serde_json::from_slice::<ErrorEnvelope>(body)
+                .ok()
+                .map(|env| env.code),
         }),
     }
 }
@@ -215,7 +254,7 @@ mod tests {
             UpstreamAnswer::Refused(503, Some(e)) if e.code == ErrorCode::Overloaded
         ));
         let key = cfg().record_key;
-        assert_eq!(client_answer(404, b"", &key, "web", 5), Ok(None));
+        assert_eq!(client_answer(404, b"", &key, "web", 5).unwrap(), None);
         assert!(client_answer(500, b"", &key, "web", 5).is_err());
         assert!(client_answer(200, b"{}", &key, "web", 5).is_err());
     }

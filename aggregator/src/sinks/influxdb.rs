@@ -214,24 +214,21 @@ impl InfluxSink {
         b.build()
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<(u16, String), String> {
+    async fn post(&self, body: Vec<u8>) -> Result<(u16, String), PostError> {
         let mut req = hyper::Request::post(self.write_uri.clone())
             .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
+            .body(Full::new(Bytes::from(body)))?;
         if let Some(a) = &self.auth {
-            let v = hyper::header::HeaderValue::from_str(a).map_err(|e| e.to_string())?;
+            let v = hyper::header::HeaderValue::from_str(a)?;
             req.headers_mut().insert(hyper::header::AUTHORIZATION, v);
         }
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
             .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| PostError::TimedOut)??;
         let status = resp.status().as_u16();
         let body = tokio::time::timeout(self.timeout, resp.into_body().collect())
             .await
-            .map_err(|_| "timed out reading the answer".to_owned())?
-            .map_err(|e| e.to_string())?
+            .map_err(|_| PostError::TimedOut)??
             .to_bytes();
         Ok((
             status,
@@ -296,7 +293,7 @@ impl Sink for InfluxSink {
         let (status, answer) = self
             .post(self.lines(rows))
             .await
-            .map_err(SinkError::Unavailable)?;
+            .map_err(|e| SinkError::Unavailable(e.to_string()))?;
         match status {
             200..=299 => Ok(()),
             // The server refused the data itself (bad line, field type
@@ -322,6 +319,26 @@ impl Sink for InfluxSink {
             Ok((200..=299, _)) | Ok((400, _))
         )
     }
+}
+
+/// Why a write request got no answer.
+#[derive(Debug, thiserror::Error)]
+enum PostError {
+    /// The request could not be built (a bad URL or header).
+    #[error("{0}")]
+    Request(#[from] hyper::http::Error),
+    /// The credentials are not a valid header value.
+    #[error("the credentials are not a valid header value")]
+    Header(#[from] hyper::header::InvalidHeaderValue),
+    /// No answer within `influxdb.timeout_ms`.
+    #[error("timed out")]
+    TimedOut,
+    /// Connecting or sending failed.
+    #[error("{0}")]
+    Send(#[from] hyper_util::client::legacy::Error),
+    /// The answer broke off.
+    #[error("reading the answer: {0}")]
+    Answer(#[from] hyper::Error),
 }
 
 /// This sink's name.

@@ -7,7 +7,7 @@ use outpost_edge::config::Settings;
 use outpost_edge::kv_cache::{CachedKv, KvCacheState, KvLimits};
 use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse};
 use outpost_edge::shared::kv::Kv;
-use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport};
+use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport, TransportError};
 use worker::{
     AbortController, Context, Date, Delay, Env, Fetch, Headers, Method, Request, RequestInit,
     Response, event, js_sys, kv::KvStore,
@@ -166,20 +166,18 @@ impl EdgeEnv for WorkerEnv {
 struct WorkerKv(KvStore);
 
 impl Kv for WorkerKv {
-    type Error = String;
+    type Error = worker::kv::KvError;
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        self.0.get(key).bytes().await.map_err(|e| e.to_string())
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Self::Error> {
+        self.0.get(key).bytes().await
     }
 
-    async fn put(&self, key: &str, value: &[u8], ttl_secs: u64) -> Result<(), String> {
+    async fn put(&self, key: &str, value: &[u8], ttl_secs: u64) -> Result<(), Self::Error> {
         self.0
-            .put_bytes(key, value)
-            .map_err(|e| e.to_string())?
+            .put_bytes(key, value)?
             .expiration_ttl(ttl_secs)
             .execute()
             .await
-            .map_err(|e| e.to_string())
     }
 }
 
@@ -189,7 +187,7 @@ struct WorkerFetch {
 }
 
 impl Transport for WorkerFetch {
-    async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), String> {
+    async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), TransportError> {
         let headers = Headers::new();
         for (k, v) in &r.headers {
             headers.set(k, v).map_err(|e| e.to_string())?;
@@ -227,10 +225,13 @@ impl Transport for WorkerFetch {
         };
         let timeout = Delay::from(Duration::from_millis(self.timeout_ms));
         match select(std::pin::pin!(call), timeout).await {
-            Either::Left((result, _)) => result,
+            Either::Left((result, _)) => result.map_err(TransportError),
             Either::Right(((), _)) => {
                 controller.abort();
-                Err(format!("no answer within {} ms", self.timeout_ms))
+                Err(TransportError(format!(
+                    "no answer within {} ms",
+                    self.timeout_ms
+                )))
             }
         }
     }

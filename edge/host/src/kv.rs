@@ -65,7 +65,7 @@ pub(crate) struct KvStats {
 }
 
 impl KvStats {
-    fn error(&self, key: &str, e: &str) {
+    fn error(&self, key: &str, e: &StoreError) {
         let used_for = use_of(key);
         tracing::warn!(used_for, error = %e, "key-value store operation failed");
         *self
@@ -171,14 +171,14 @@ impl Kv {
         })
     }
 
-    fn counted<T>(&self, key: &str, r: Result<T, String>) -> Result<T, String> {
+    fn counted<T>(&self, key: &str, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(e) = &r {
             self.stats.error(key, e);
         }
         r
     }
 
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let r = match &self.backend {
             Backend::Memory(m) => Ok(m.get(key)),
             Backend::Redis(r) => r.query(redis::cmd("GET").arg(r.key(key))).await,
@@ -186,7 +186,7 @@ impl Kv {
         self.counted(key, r)
     }
 
-    pub(crate) async fn set(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+    pub(crate) async fn set(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         let r = match &self.backend {
             Backend::Memory(m) => {
                 if m.set(key, value) {
@@ -216,7 +216,7 @@ impl Kv {
         self.counted(key, r)
     }
 
-    pub(crate) async fn delete(&self, key: &str) -> Result<(), String> {
+    pub(crate) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let r = match &self.backend {
             Backend::Memory(m) => {
                 m.lock().pop(key);
@@ -230,7 +230,7 @@ impl Kv {
         self.counted(key, r)
     }
 
-    pub(crate) async fn exists(&self, key: &str) -> Result<bool, String> {
+    pub(crate) async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let r = match &self.backend {
             Backend::Memory(m) => Ok(m.get(key).is_some()),
             Backend::Redis(r) => r.query(redis::cmd("EXISTS").arg(r.key(key))).await,
@@ -238,7 +238,7 @@ impl Kv {
         self.counted(key, r)
     }
 
-    pub(crate) async fn keys(&self) -> Result<Vec<String>, String> {
+    pub(crate) async fn keys(&self) -> Result<Vec<String>, StoreError> {
         match &self.backend {
             Backend::Memory(m) => {
                 let now = now_ms();
@@ -261,6 +261,18 @@ impl Kv {
     }
 }
 
+/// Why a KV operation failed (the edge then decides per use: rate limits
+/// let the request through, nonces fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis refused the command or the connection failed.
+    #[error("redis: {0}")]
+    Redis(redis::RedisError),
+    /// Redis did not answer within the host's operation timeout.
+    #[error("redis: timed out")]
+    TimedOut,
+}
+
 pub(crate) struct RedisKv {
     client: redis::Client,
     prefix: String,
@@ -275,7 +287,7 @@ impl RedisKv {
         format!("{}{key}", self.prefix)
     }
 
-    async fn connection(&self) -> Result<redis::aio::ConnectionManager, String> {
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, StoreError> {
         let conn = self
             .conn
             .get_or_try_init(|| async {
@@ -286,19 +298,19 @@ impl RedisKv {
                 self.client.get_connection_manager_with_config(cfg).await
             })
             .await
-            .map_err(|e| format!("redis: {e}"))?;
+            .map_err(StoreError::Redis)?;
         Ok(conn.clone())
     }
 
-    async fn query<V: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<V, String> {
+    async fn query<V: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<V, StoreError> {
         let mut conn = self.connection().await?;
         match tokio::time::timeout(self.op_timeout, cmd.query_async(&mut conn)).await {
-            Ok(r) => r.map_err(|e| format!("redis: {e}")),
-            Err(_) => Err("redis: timed out".into()),
+            Ok(r) => r.map_err(StoreError::Redis),
+            Err(_) => Err(StoreError::TimedOut),
         }
     }
 
-    async fn keys(&self) -> Result<Vec<String>, String> {
+    async fn keys(&self) -> Result<Vec<String>, StoreError> {
         let pattern = format!("{}*", glob_escape(&self.prefix));
         let mut cursor = 0u64;
         let mut out = Vec::new();
@@ -349,14 +361,14 @@ mod tests {
     #[tokio::test]
     async fn memory_store_round_trips() {
         let kv = Kv::new(&KvConfig::default(), Duration::from_secs(1)).unwrap();
-        assert_eq!(kv.get("a").await, Ok(None));
+        assert_eq!(kv.get("a").await.unwrap(), None);
         kv.set("a", b"1".to_vec()).await.unwrap();
-        assert_eq!(kv.get("a").await, Ok(Some(b"1".to_vec())));
-        assert_eq!(kv.exists("a").await, Ok(true));
-        assert_eq!(kv.keys().await, Ok(vec!["a".to_owned()]));
+        assert_eq!(kv.get("a").await.unwrap(), Some(b"1".to_vec()));
+        assert!(kv.exists("a").await.unwrap());
+        assert_eq!(kv.keys().await.unwrap(), vec!["a".to_owned()]);
         kv.delete("a").await.unwrap();
         kv.delete("a").await.unwrap();
-        assert_eq!(kv.exists("a").await, Ok(false));
+        assert!(!kv.exists("a").await.unwrap());
     }
 
     #[tokio::test]
@@ -367,8 +379,8 @@ mod tests {
         }
         assert_eq!(kv.memory_len(), Some(100));
         assert_eq!(kv.stats.evicted.load(Ordering::Relaxed), 9_900);
-        assert_eq!(kv.get("rla:9999").await, Ok(Some(b"x".to_vec())));
-        assert_eq!(kv.get("rla:0").await, Ok(None));
+        assert_eq!(kv.get("rla:9999").await.unwrap(), Some(b"x".to_vec()));
+        assert_eq!(kv.get("rla:0").await.unwrap(), None);
         // Overwriting a key that exists evicts nothing.
         kv.set("rla:9999", b"y".to_vec()).await.unwrap();
         assert_eq!(kv.stats.evicted.load(Ordering::Relaxed), 9_900);
@@ -384,9 +396,9 @@ mod tests {
         kv.set("rla:b", with_deadline(now + 60_000, b"new"))
             .await
             .unwrap();
-        assert_eq!(kv.get("rla:a").await, Ok(None));
+        assert_eq!(kv.get("rla:a").await.unwrap(), None);
         assert!(kv.get("rla:b").await.unwrap().is_some());
-        assert_eq!(kv.keys().await, Ok(vec!["rla:b".to_owned()]));
+        assert_eq!(kv.keys().await.unwrap(), vec!["rla:b".to_owned()]);
         assert_eq!(deadline_of(b"short"), None);
         assert_eq!(deadline_of(&7u64.to_be_bytes()), None, "not a deadline");
     }
@@ -422,9 +434,9 @@ mod tests {
         .unwrap();
 
         a.set("rl:c:x", b"\x00\x01".to_vec()).await.unwrap();
-        assert_eq!(b.get("rl:c:x").await, Ok(Some(b"\x00\x01".to_vec())));
-        assert_eq!(b.exists("rl:c:x").await, Ok(true));
-        assert_eq!(other.get("rl:c:x").await, Ok(None));
+        assert_eq!(b.get("rl:c:x").await.unwrap(), Some(b"\x00\x01".to_vec()));
+        assert!(b.exists("rl:c:x").await.unwrap());
+        assert_eq!(other.get("rl:c:x").await.unwrap(), None);
         other.set("y", b"2".to_vec()).await.unwrap();
         // `other`'s keys sit under `a`'s prefix too; listing shows them
         // (as Spin would for overlapping prefixes), reading by name does not
@@ -434,8 +446,8 @@ mod tests {
         assert_eq!(keys, ["other:y", "rl:c:x"]);
         a.delete("rl:c:x").await.unwrap();
         other.delete("y").await.unwrap();
-        assert_eq!(b.get("rl:c:x").await, Ok(None));
-        assert_eq!(a.keys().await, Ok(Vec::new()));
+        assert_eq!(b.get("rl:c:x").await.unwrap(), None);
+        assert!(a.keys().await.unwrap().is_empty());
 
         // A value's deadline becomes the key's expiry in Redis itself.
         let now = now_ms();
@@ -451,11 +463,7 @@ mod tests {
             .unwrap();
         assert!((1..=30_000).contains(&pttl), "{pttl}");
         a.set("rla:x", with_deadline(now - 1, b"v")).await.unwrap();
-        assert_eq!(
-            a.exists("rla:x").await,
-            Ok(false),
-            "written already expired"
-        );
+        assert!(!a.exists("rla:x").await.unwrap(), "written already expired");
     }
 
     #[tokio::test]

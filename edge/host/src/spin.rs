@@ -92,8 +92,8 @@ fn shared_for<T>(
     })
 }
 
-fn other(e: String) -> KvError {
-    KvError::Other(e)
+fn other(e: crate::kv::StoreError) -> KvError {
+    KvError::Other(e.to_string())
 }
 
 impl<T> kv_wit::HostStoreWithStore<T> for Spin {

@@ -2,11 +2,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use http_body_util::{BodyExt as _, Full, Limited};
-use outpost_edge::config::{Settings, VARIABLES};
+use outpost_edge::config::{ConfigError, Settings, VARIABLES};
 use outpost_edge::kv_slots::SlottedKv;
 use outpost_edge::pipeline::{self, EdgeEnv, EdgeRequest, EdgeResponse};
 use outpost_edge::shared::kv::Kv;
-use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport};
+use outpost_edge::upstream::{self, Aggregator, OutboundRequest, Transport, TransportError};
 use spin_sdk::http::{HeaderName, HeaderValue, Request, StatusCode};
 use spin_sdk::key_value::Store;
 use spin_sdk::wasip3::http::types::RequestOptions;
@@ -54,7 +54,13 @@ async fn handle(req: Request) -> http::Response<Full<bytes::Bytes>> {
 
     let settings = match settings().await {
         Ok(s) => s,
-        Err(problem) => return into_http(pipeline::misconfigured(&edge_req, problem, &env)),
+        Err(problem) => {
+            return into_http(pipeline::misconfigured(
+                &edge_req,
+                problem.to_string(),
+                &env,
+            ));
+        }
     };
     // Read one byte past the bound at most: the pipeline answers 413 for
     // that, and a huge body is never buffered.
@@ -92,14 +98,14 @@ async fn handle(req: Request) -> http::Response<Full<bytes::Bytes>> {
     into_http(resp)
 }
 
-async fn settings() -> Result<Settings, String> {
+async fn settings() -> Result<Settings, ConfigError> {
     let mut values = HashMap::new();
     for (name, _, _) in VARIABLES {
         if let Ok(v) = spin_sdk::variables::get(name).await {
             values.insert(*name, v);
         }
     }
-    Settings::from_lookup(|name| values.get(name).cloned()).map_err(|e| e.to_string())
+    Settings::from_lookup(|name| values.get(name).cloned())
 }
 
 async fn read_bounded<B>(body: B, max: usize) -> Vec<u8>
@@ -175,17 +181,14 @@ impl EdgeEnv for SpinEnv {
 struct SpinStore(Store);
 
 impl Kv for SpinStore {
-    type Error = String;
+    type Error = spin_sdk::key_value::Error;
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        self.0.get(key).await.map_err(|e| format!("{e:?}"))
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Self::Error> {
+        self.0.get(key).await
     }
 
-    async fn put(&self, key: &str, value: &[u8], _ttl_secs: u64) -> Result<(), String> {
-        self.0
-            .set(key, value.to_vec())
-            .await
-            .map_err(|e| format!("{e:?}"))
+    async fn put(&self, key: &str, value: &[u8], _ttl_secs: u64) -> Result<(), Self::Error> {
+        self.0.set(key, value.to_vec()).await
     }
 }
 
@@ -211,7 +214,7 @@ struct SpinHttp {
 }
 
 impl Transport for SpinHttp {
-    async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), String> {
+    async fn send(&self, r: OutboundRequest) -> Result<(u16, Vec<u8>), TransportError> {
         let mut req = http::Request::builder().method(r.method).uri(&r.url);
         for (k, v) in &r.headers {
             req = req.header(*k, v);

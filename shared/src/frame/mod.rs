@@ -403,7 +403,9 @@ fn decode_body(header: FrameHeader, raw: &[u8], limits: &FrameLimits) -> Result<
             body.events.len()
         )));
     }
-    let batch = body.into_batch().map_err(FrameError::BadBody)?;
+    let batch = body
+        .into_batch()
+        .map_err(|e| FrameError::BadBody(e.to_string()))?;
     Ok(Frame { header, batch })
 }
 

@@ -112,30 +112,79 @@ fn kind_to_wire(k: Kind) -> u32 {
     }
 }
 
-fn kind_from_wire(v: u32) -> Result<Kind, String> {
+/// Why a decoded body is not a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The body has no edge facts.
+    #[error("missing facts")]
+    MissingFacts,
+    /// An enumeration holds a number no version wrote.
+    #[error("unknown {field} {value}")]
+    Unknown {
+        /// `kind`, `level` or `priority`.
+        field: &'static str,
+        /// The number.
+        value: u32,
+    },
+    /// `properties` is not a JSON object.
+    #[error("properties are not a JSON object")]
+    PropertiesNotObject,
+    /// `properties` is not JSON.
+    #[error("properties: {0}")]
+    Properties(#[from] serde_json::Error),
+    /// A trace or span id of the wrong length.
+    #[error("{field} has {len} bytes, expected {expected}")]
+    IdLength {
+        /// `trace_id` or `span_id`.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The length it must have.
+        expected: usize,
+    },
+    /// One event of the body is not an event.
+    #[error("event {index}: {source}")]
+    Event {
+        /// Its position in the body.
+        index: usize,
+        /// Why.
+        source: Box<WireError>,
+    },
+}
+
+fn kind_from_wire(v: u32) -> Result<Kind, WireError> {
     match v {
         0 => Ok(Kind::Event),
         1 => Ok(Kind::Log),
-        other => Err(format!("unknown kind {other}")),
+        value => Err(WireError::Unknown {
+            field: "kind",
+            value,
+        }),
     }
 }
 
-fn level_from_wire(v: u32) -> Result<Level, String> {
+fn level_from_wire(v: u32) -> Result<Level, WireError> {
     Level::ALL
         .get(v as usize)
         .copied()
-        .ok_or_else(|| format!("unknown level {v}"))
+        .ok_or(WireError::Unknown {
+            field: "level",
+            value: v,
+        })
 }
 
 fn level_to_wire(l: Level) -> u32 {
     Level::ALL.iter().position(|x| *x == l).unwrap_or_default() as u32
 }
 
-fn priority_from_wire(v: u32) -> Result<Priority, String> {
+fn priority_from_wire(v: u32) -> Result<Priority, WireError> {
     match v {
         0 => Ok(Priority::Normal),
         1 => Ok(Priority::High),
-        other => Err(format!("unknown priority {other}")),
+        value => Err(WireError::Unknown {
+            field: "priority",
+            value,
+        }),
     }
 }
 
@@ -151,11 +200,19 @@ fn hex_to_wire(id: Option<&str>, len: usize) -> Result<Vec<u8>, &'static str> {
     }
 }
 
-fn hex_from_wire(bytes: &[u8], len: usize, what: &str) -> Result<Option<String>, String> {
+fn hex_from_wire(
+    bytes: &[u8],
+    expected: usize,
+    field: &'static str,
+) -> Result<Option<String>, WireError> {
     match bytes.len() {
         0 => Ok(None),
-        n if n == len => Ok(Some(hex::encode(bytes))),
-        n => Err(format!("{what} has {n} bytes, expected {len}")),
+        n if n == expected => Ok(Some(hex::encode(bytes))),
+        len => Err(WireError::IdLength {
+            field,
+            len,
+            expected,
+        }),
     }
 }
 
@@ -181,8 +238,8 @@ impl Body {
         })
     }
 
-    pub(super) fn into_batch(self) -> Result<Batch, String> {
-        let f = self.facts.ok_or("missing facts")?;
+    pub(super) fn into_batch(self) -> Result<Batch, WireError> {
+        let f = self.facts.ok_or(WireError::MissingFacts)?;
         let facts = EdgeFacts {
             client_ip: f.client_ip,
             user_agent: f.user_agent,
@@ -195,7 +252,12 @@ impl Body {
             .events
             .into_iter()
             .enumerate()
-            .map(|(i, e)| e.into_domain().map_err(|m| format!("event {i}: {m}")))
+            .map(|(index, e)| {
+                e.into_domain().map_err(|source| WireError::Event {
+                    index,
+                    source: Box::new(source),
+                })
+            })
             .collect::<Result<_, _>>()?;
         Ok(Batch {
             client_id: self.client_id,
@@ -247,14 +309,14 @@ impl Event {
         })
     }
 
-    fn into_domain(self) -> Result<DomainEvent, String> {
+    fn into_domain(self) -> Result<DomainEvent, WireError> {
         let properties = if self.properties_json.is_empty() {
             Map::new()
         } else {
             match serde_json::from_slice::<Value>(&self.properties_json) {
                 Ok(Value::Object(m)) => m,
-                Ok(_) => return Err("properties are not a JSON object".into()),
-                Err(e) => return Err(format!("properties: {e}")),
+                Ok(_) => return Err(WireError::PropertiesNotObject),
+                Err(e) => return Err(e.into()),
             }
         };
         let context = self
