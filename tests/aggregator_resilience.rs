@@ -120,7 +120,7 @@ async fn a_full_spool_sheds_load_with_503_and_retry_after() {
     let agg =
         Aggregator::start_with_env(&pg_down, &[("OUTPOST_SPOOL_MAX_BYTES", &bound.to_string())])
             .await;
-    assert_eq!(agg.ingest(first).await.status(), 202);
+    agg.ingest_accepted(first).await;
     let resp = agg
         .ingest(frame_for("acme-web", events(3, 20..40), batch_id()))
         .await;
@@ -153,12 +153,8 @@ async fn postgres_unreachable_at_first_then_back_delivers_everything_spooled() {
     let (pg_down, dead_pg) = store_config_pg_down(&redis);
     let mut agg = Aggregator::start(&pg_down).await;
     for tag in 0..5 {
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", events(20 + tag, 0..10), batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", events(20 + tag, 0..10), batch_id()))
+            .await;
     }
     eventually(10, "sink failures counted", || async {
         agg.metric("outpost_sink_failures_total").await >= 1.0
@@ -171,14 +167,8 @@ async fn postgres_unreachable_at_first_then_back_delivers_everything_spooled() {
             .replace("migrate_on_start = false\n", "")
     });
     agg.spawn().await;
-    eventually(20, "all 50 rows", || async {
-        db.count_events("acme-web").await == 50
-    })
-    .await;
-    eventually(5, "spool empty", || async {
-        agg.metric("outpost_spool_batches").await == 0.0
-    })
-    .await;
+    db.wait_rows("acme-web", 50, 20).await;
+    agg.wait_spool_empty(5).await;
 }
 
 #[tokio::test]
@@ -246,12 +236,8 @@ async fn sigterm_drains_and_exits_cleanly() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let mut agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     for tag in 0..3 {
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", events(50 + tag, 0..10), batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", events(50 + tag, 0..10), batch_id()))
+            .await;
     }
     let status = agg.terminate();
     assert!(status.success(), "exit status {status}:\n{}", agg.log());
@@ -274,24 +260,14 @@ async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
     let mut evs = events(300, 0..5);
     evs[2].name = Some("poison".into());
     let poison_id = evs[2].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "4 rows", || async {
-        db.count_events("acme-web").await == 4
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    db.wait_rows("acme-web", 4, 15).await;
     eventually(5, "1 dead letter", || async {
         agg.metric("outpost_sink_dead_letters_total").await == 1.0
     })
     .await;
-    eventually(5, "spool empty", || async {
-        agg.metric("outpost_spool_batches").await == 0.0
-    })
-    .await;
+    agg.wait_spool_empty(5).await;
     let mut conn = agg.spool().await;
     let (event_id, error, payload): (String, String, Vec<u8>) =
         sqlx::query_as("SELECT event_id, error, payload FROM dead_letters")
@@ -324,26 +300,12 @@ async fn a_write_refused_as_a_whole_is_retried_then_narrowed_to_the_failing_row(
     let mut evs = events(310, 0..5);
     evs[3].name = Some("poison".into());
     let poison_id = evs[3].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(311, 0..5), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(20, "9 rows", || async {
-        db.count_events("acme-web").await == 9
-    })
-    .await;
-    eventually(5, "spool empty", || async {
-        agg.metric("outpost_spool_batches").await == 0.0
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    agg.ingest_accepted(frame_for("acme-web", events(311, 0..5), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 9, 20).await;
+    agg.wait_spool_empty(5).await;
     assert_eq!(agg.metric("outpost_sink_dead_letters_total").await, 1.0);
     // Given up on only after the configured tries, each of them counted.
     assert!(
@@ -368,33 +330,22 @@ async fn high_priority_batches_are_delivered_first_from_a_backlog() {
     let backlog = pg_down + "max_batches_per_write = 1\nworkers_per_sink = 1\n";
     let mut agg = Aggregator::start(&backlog).await;
     for tag in 0..5 {
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", events(400 + tag, 0..3), batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", events(400 + tag, 0..3), batch_id()))
+            .await;
     }
     let mut urgent = events(450, 0..3);
     for e in &mut urgent {
         e.priority = outpost_shared::event::Priority::High;
     }
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", urgent, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", urgent, batch_id()))
+        .await;
     agg.terminate();
     agg.edit_config(|c| {
         c.replace(&dead_pg, &db.url)
             .replace("migrate_on_start = false\n", "")
     });
     agg.spawn().await;
-    eventually(20, "18 rows", || async {
-        db.count_events("acme-web").await == 18
-    })
-    .await;
+    db.wait_rows("acme-web", 18, 20).await;
     // Insertion order is the BIGSERIAL id: the high-priority batch came first.
     let first: Vec<String> = sqlx::query_scalar("SELECT priority FROM events ORDER BY id LIMIT 3")
         .fetch_all(&db.pool)

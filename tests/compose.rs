@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for};
+use outpost_tests::aggregator::{Aggregator, batch_id, events, frame_for};
 use outpost_tests::stores::{TestDb, TestRedis, store_config};
 use serde_json::Value;
 
@@ -332,16 +332,9 @@ fn targets(d: &Value) -> Vec<&Value> {
 async fn the_ingestion_dashboard_queries_only_metrics_the_aggregator_exports() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(31, 0..3), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(10, "delivered", || async {
-        db.count_events("acme-web").await == 3
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(31, 0..3), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 3, 10).await;
     // And one refusal, so that the per-code family has a series.
     let refused = reqwest::Client::new()
         .post(format!("{}/v1/ingest", agg.url))
@@ -474,16 +467,9 @@ async fn every_analytics_panel_query_runs_against_the_real_schema() {
         e.user_id = Some(format!("u{}", i % 2));
         e.context.platform = Some("web".into());
     }
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(10, "delivered", || async {
-        db.count_events("acme-web").await == 4
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    db.wait_rows("acme-web", 4, 10).await;
     let d = dashboard("analytics.json");
     let datasources =
         yaml(&root().join("aggregator/deploy/grafana/provisioning/datasources/outpost.yml"));

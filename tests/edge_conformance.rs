@@ -9,118 +9,14 @@ use std::net::IpAddr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use outpost_shared::auth::permission::Permissions;
+use outpost_edge::fixtures::{HMAC_SECRET, JWT_SECRET, ORIGIN, clients};
 use outpost_shared::auth::{api_key, signature};
-use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial, Secret};
-use outpost_shared::event::Timestamp;
-use outpost_shared::ratelimit::RateLimit;
 use outpost_tests::edge::{Edge, Mode, Runtime, StandIn, edge_variables};
 use serde_json::{Value, json};
 
-const HMAC_SECRET: &[u8] = b"conformance-hmac-secret";
-const JWT_SECRET: &[u8] = b"conformance-jwt-secret-0123456789";
-const ORIGIN: &str = "https://shop.example";
 const TRUSTED: &str = "127.0.0.1";
 const UNTRUSTED: &str = "127.0.0.5";
 const BLOCKED: &str = "127.0.0.9";
-
-fn record(id: &str, method: AuthMethod, key: Option<KeyMaterial>) -> ClientRecord {
-    ClientRecord {
-        id: id.into(),
-        name: id.into(),
-        method,
-        credentials: key
-            .map(|key| {
-                vec![Credential {
-                    key,
-                    not_after: None,
-                }]
-            })
-            .unwrap_or_default(),
-        jwt: None,
-        permissions: Permissions::parse(["write:events"]).unwrap(),
-        rate_limit: None,
-        ip_rate_limit: None,
-        allowed_origins: vec![ORIGIN.into()],
-        active: true,
-        expires_at: None,
-    }
-}
-
-fn clients() -> Vec<ClientRecord> {
-    let rs_public = std::fs::read_to_string(
-        outpost_tests::repo_root().join("shared/src/auth/testdata/rs256.pub.pem"),
-    )
-    .unwrap();
-    vec![
-        record("web", AuthMethod::WriteKey, None),
-        record(
-            "server",
-            AuthMethod::Hmac,
-            Some(KeyMaterial::HmacSecret {
-                secret: Secret::new(HMAC_SECRET.to_vec()),
-            }),
-        ),
-        record(
-            "app",
-            AuthMethod::Jwt,
-            Some(KeyMaterial::JwtSecret {
-                secret: Secret::new(JWT_SECRET.to_vec()),
-            }),
-        ),
-        record(
-            "rsapp",
-            AuthMethod::Jwt,
-            Some(KeyMaterial::JwtPublicKey {
-                alg: outpost_shared::auth::jwt::JwtAlgorithm::Rs256,
-                pem: rs_public,
-            }),
-        ),
-        record(
-            "backend",
-            AuthMethod::ApiKey,
-            Some(KeyMaterial::ApiKeyHash {
-                sha256: api_key::hash(&api_key::format("backend", b"s3cret")),
-            }),
-        ),
-        ClientRecord {
-            active: false,
-            ..record("revoked", AuthMethod::WriteKey, None)
-        },
-        ClientRecord {
-            rate_limit: Some(RateLimit {
-                limit: 2,
-                period_secs: 60,
-            }),
-            ..record("limited", AuthMethod::WriteKey, None)
-        },
-        ClientRecord {
-            permissions: Permissions::parse(["read:events"]).unwrap(),
-            ..record("readonly", AuthMethod::WriteKey, None)
-        },
-        ClientRecord {
-            ip_rate_limit: Some(RateLimit {
-                limit: 1,
-                period_secs: 60,
-            }),
-            ..record("perip", AuthMethod::WriteKey, None)
-        },
-        ClientRecord {
-            expires_at: Some(Timestamp(1_000)),
-            ..record("expired", AuthMethod::WriteKey, None)
-        },
-        // An API key rotated away: the old credential's grace period is over.
-        ClientRecord {
-            credentials: vec![Credential {
-                key: KeyMaterial::ApiKeyHash {
-                    sha256: api_key::hash(&api_key::format("rotated", b"old")),
-                },
-                not_after: Some(Timestamp(1_000)),
-            }],
-            ..record("rotated", AuthMethod::ApiKey, None)
-        },
-    ]
-}
 
 fn event(i: u32) -> Value {
     json!({"event_id": format!("0192f0c1-7b3a-7cc2-9a57-{i:012x}"), "name": "signup"})

@@ -59,16 +59,9 @@ async fn rows_carry_city_and_asn_of_the_client_ip() {
     let agg = Aggregator::start(&config(&db, &redis, dir.path())).await;
     let evs = events(90, 0..3);
     let id = evs[0].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "3 rows", || async {
-        db.count_events("acme-web").await == 3
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    db.wait_rows("acme-web", 3, 15).await;
     let g = geo_of(&db, &id).await;
     assert_eq!(
         g.0.as_deref(),
@@ -107,16 +100,9 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
     write_city_db(&city, &[ZURICH]);
     let agg = Aggregator::start(&config(&db, &redis, dir.path())).await;
     let first = events(91, 0..1);
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", first.clone(), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "first row", || async {
-        db.count_events("acme-web").await == 1
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", first.clone(), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 1, 15).await;
     assert_eq!(
         geo_of(&db, &first[0].event_id).await.2.as_deref(),
         Some("Zürich")
@@ -137,12 +123,8 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
         let id = evs[0].event_id.clone();
         let (agg, db) = (&agg, &db);
         async move {
-            assert_eq!(
-                agg.ingest(frame_for("acme-web", evs, batch_id()))
-                    .await
-                    .status(),
-                202
-            );
+            agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+                .await;
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             sqlx::query_scalar::<_, Option<String>>("SELECT city FROM events WHERE event_id = $1")
                 .bind(&id)
@@ -161,12 +143,8 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let evs = events(200, 0..1);
     let id = evs[0].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
     eventually(15, "row stored", || async {
         sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE event_id = $1")
             .bind(&id)
@@ -190,16 +168,9 @@ async fn without_a_database_events_are_stored_unenriched() {
     let agg = Aggregator::start(&config(&db, &redis, dir.path())).await;
     let evs = events(95, 0..2);
     let id = evs[0].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "2 rows", || async {
-        db.count_events("acme-web").await == 2
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    db.wait_rows("acme-web", 2, 15).await;
     let g = geo_of(&db, &id).await;
     assert_eq!(g.0.as_deref(), Some("DE"), "the edge's country hint");
     assert_eq!((g.2, g.5), (None, None));

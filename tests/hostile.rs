@@ -283,17 +283,10 @@ async fn a_write_influxdb_refuses_is_narrowed_by_halves_not_row_by_row() {
         if f == 17 {
             evs[42].properties.insert("ms".into(), 2300.into());
         }
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", evs, batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+            .await;
     }
-    eventually(20, "postgres has all 3000", || async {
-        db.count_events("acme-web").await == 3000
-    })
-    .await;
+    db.wait_rows("acme-web", 3000, 20).await;
     agg.kill();
     let before = influx_write_requests(&influx).await;
     agg.edit_config(|c| {
@@ -340,12 +333,8 @@ async fn dead_letters_are_bounded_visible_and_can_be_replayed_or_purged() {
     for e in evs.iter_mut().skip(10) {
         e.name = Some("poison".into());
     }
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
     eventually(20, "10 rows stored, 30 dead-lettered", || async {
         db.count_events("acme-web").await == 10
             && agg.metric("outpost_sink_dead_letters_total").await == 30.0
@@ -413,12 +402,8 @@ async fn dead_letters_are_bounded_visible_and_can_be_replayed_or_purged() {
     .unwrap();
     let mut evs = events(601, 0..2);
     evs[1].name = Some("poison".into());
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
     eventually(20, "one more dead letter", || async {
         agg.metric("outpost_dead_letters").await == 1.0
     })
@@ -563,10 +548,7 @@ async fn an_event_refused_at_ingest_or_dead_lettered_can_be_sent_again_with_its_
     let refused_id = evs[1].event_id.clone();
     let resp = agg.ingest(frame_for("acme-web", evs, batch_id())).await;
     assert_eq!(resp.status(), 202);
-    eventually(15, "2 rows", || async {
-        db.count_events("acme-web").await == 2
-    })
-    .await;
+    db.wait_rows("acme-web", 2, 15).await;
 
     // (b) Dead-lettered by PostgreSQL: its claim is given back.
     sqlx::query(
@@ -578,12 +560,8 @@ async fn an_event_refused_at_ingest_or_dead_lettered_can_be_sent_again_with_its_
     let mut evs = events(711, 0..2);
     evs[0].name = Some("poison".into());
     let poisoned_id = evs[0].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
     eventually(15, "3 rows and a dead letter", || async {
         db.count_events("acme-web").await == 3
             && agg.metric("outpost_sink_dead_letters_total").await == 1.0
@@ -600,16 +578,9 @@ async fn an_event_refused_at_ingest_or_dead_lettered_can_be_sent_again_with_its_
     fixed[0].name = Some("fixed".into());
     fixed[1].event_id = poisoned_id.clone();
     fixed[1].name = Some("fixed".into());
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", fixed, batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "both corrected events stored", || async {
-        db.count_events("acme-web").await == 5
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", fixed, batch_id()))
+        .await;
+    db.wait_rows("acme-web", 5, 15).await;
     let names: Vec<(String, String)> = sqlx::query_as(
         "SELECT event_id, name FROM events WHERE event_id = ANY($1) ORDER BY event_id",
     )
@@ -683,17 +654,10 @@ async fn an_aggregator_without_a_sink_or_missing_a_sink_with_a_backlog_refuses_t
     )
     .await;
     for tag in 0..3 {
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", events(720 + tag, 0..5), batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", events(720 + tag, 0..5), batch_id()))
+            .await;
     }
-    eventually(15, "postgres has them", || async {
-        db.count_events("acme-web").await == 15
-    })
-    .await;
+    db.wait_rows("acme-web", 15, 15).await;
     assert!(agg.terminate().success());
     // InfluxDB removed from the configuration: not started, backlog kept.
     agg.edit_config(|c| c.replace("[influxdb]\nenabled = true", "[influxdb]\nenabled = false"));
@@ -976,16 +940,9 @@ async fn an_unauthenticated_flood_keeps_the_redis_kv_bounded_and_the_edge_correc
 async fn only_an_explicit_admin_grant_lifts_the_client_scope_of_the_read_api() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = aggregator(&db, &redis, "").await;
-    assert_eq!(
-        agg.ingest(frame_for("victim", events(800, 0..5), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "the victim's rows", || async {
-        db.count_events("victim").await == 5
-    })
-    .await;
+    agg.ingest_accepted(frame_for("victim", events(800, 0..5), batch_id()))
+        .await;
+    db.wait_rows("victim", 5, 15).await;
     for (grant, other_clients) in [
         ("*:events", false),
         ("read:*", false),
@@ -1081,10 +1038,7 @@ async fn thousands_of_slow_connections_neither_lock_out_a_client_nor_block_shutd
     assert_eq!(resp.status(), 202);
     assert!(agg.metric("outpost_http_connections_closed_total").await >= 1500.0);
     assert!(agg.metric("outpost_http_connections").await <= 500.0);
-    eventually(15, "the ingested rows", || async {
-        db.count_events("acme-web").await == 3
-    })
-    .await;
+    db.wait_rows("acme-web", 3, 15).await;
     // SIGTERM drains and exits although slow connections are still open.
     let status = terminate_within(&mut agg, 20);
     assert!(status.success(), "{status}:\n{}", agg.log());
@@ -1395,16 +1349,9 @@ async fn the_read_api_bounds_what_a_query_costs_and_limits_addresses_before_auth
         ],
     );
     let key = created["api_key"].as_str().unwrap().to_owned();
-    assert_eq!(
-        agg.ingest(frame_for("reader", events(830, 0..3), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "rows", || async {
-        db.count_events("reader").await == 3
-    })
-    .await;
+    agg.ingest_accepted(frame_for("reader", events(830, 0..3), batch_id()))
+        .await;
+    db.wait_rows("reader", 3, 15).await;
     let get = |query: &str| {
         let url = format!("{}{query}", agg.url);
         let key = key.clone();
@@ -1541,10 +1488,7 @@ async fn an_ingest_that_timed_out_before_a_failed_commit_gives_its_spool_space_b
         .ingest(frame_for("acme-web", events(841, 0..20), batch_id()))
         .await;
     assert_eq!(resp.status(), 202, "{:?}", resp.text().await);
-    eventually(15, "stored", || async {
-        db.count_events("acme-web").await == 20
-    })
-    .await;
+    db.wait_rows("acme-web", 20, 15).await;
 }
 
 // 12. Redelivery after the limits were tightened --------------------------
@@ -1556,12 +1500,8 @@ async fn events_accepted_before_the_limits_were_tightened_are_still_delivered() 
     let mut agg = Aggregator::start(&down).await;
     let mut evs = events(850, 0..4);
     evs[2].name = Some("n".repeat(150));
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
     assert!(agg.terminate().success());
     // PostgreSQL back, and names now at most 100 bytes.
     agg.edit_config(|c| {
@@ -1570,10 +1510,7 @@ async fn events_accepted_before_the_limits_were_tightened_are_still_delivered() 
             + "\n[limits]\nmax_name_bytes = 100\n"
     });
     agg.spawn().await;
-    eventually(20, "all four stored", || async {
-        db.count_events("acme-web").await == 4
-    })
-    .await;
+    db.wait_rows("acme-web", 4, 20).await;
     assert_eq!(agg.metric("outpost_sink_dead_letters_total").await, 0.0);
 }
 
@@ -1588,28 +1525,17 @@ async fn a_full_in_memory_dedup_still_remembers_the_newest_ids() {
     ))
     .await;
     for f in 0..20u32 {
-        assert_eq!(
-            agg.ingest(frame_for(
-                "acme-web",
-                events(860, f * 100..(f + 1) * 100),
-                batch_id()
-            ))
-            .await
-            .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for(
+            "acme-web",
+            events(860, f * 100..(f + 1) * 100),
+            batch_id(),
+        ))
+        .await;
     }
-    eventually(20, "2000 rows", || async {
-        db.count_events("acme-web").await == 2000
-    })
-    .await;
+    db.wait_rows("acme-web", 2000, 20).await;
     // The newest 500 again, from another batch: duplicates, all of them.
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(860, 1500..2000), batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", events(860, 1500..2000), batch_id()))
+        .await;
     eventually(20, "500 duplicates dropped", || async {
         agg.metric("outpost_dedup_duplicates_total").await == 500.0
     })

@@ -41,12 +41,8 @@ async fn frames_become_points_in_influxdb_1x_through_the_v1_api_and_rows_in_post
     ))
     .await;
     for tag in 0..3 {
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", events(60 + tag, 0..10), batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", events(60 + tag, 0..10), batch_id()))
+            .await;
     }
     eventually(20, "30 points", || async {
         acme_points(&influx).await == Some(30)
@@ -67,12 +63,8 @@ async fn frames_become_points_in_influxdb_1x_through_the_v1_api_and_rows_in_post
         "{p:?}"
     );
     // A duplicate batch adds no points.
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(60, 0..10), batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", events(60, 0..10), batch_id()))
+        .await;
     // Both sinks took it (the spool is empty), with one claim between them.
     eventually(10, "10 duplicates dropped by both sinks", || async {
         agg.metric("outpost_spool_batches").await == 0.0
@@ -98,12 +90,8 @@ async fn frames_become_points_in_victoria_metrics_through_the_v2_api() {
         ),
     ))
     .await;
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(70, 0..10), batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", events(70, 0..10), batch_id()))
+        .await;
     eventually(20, "10 counts exported", || async {
         let series = vm
             .export_vm("{__name__=\"outpost_events_count\",client=\"acme-web\"}")
@@ -132,12 +120,8 @@ async fn influxdb_down_does_not_delay_postgres_and_catches_up_when_back() {
     ))
     .await;
     for tag in 0..4 {
-        assert_eq!(
-            agg.ingest(frame_for("acme-web", events(80 + tag, 0..10), batch_id()))
-                .await
-                .status(),
-            202
-        );
+        agg.ingest_accepted(frame_for("acme-web", events(80 + tag, 0..10), batch_id()))
+            .await;
     }
     eventually(
         10,
@@ -179,10 +163,7 @@ async fn influxdb_down_does_not_delay_postgres_and_catches_up_when_back() {
             == Some(40)
     })
     .await;
-    eventually(5, "spool empty", || async {
-        agg.metric("outpost_spool_batches").await == 0.0
-    })
-    .await;
+    agg.wait_spool_empty(5).await;
 }
 
 #[tokio::test]
@@ -217,12 +198,8 @@ async fn points_influxdb_refuses_are_dead_lettered_and_the_rest_written() {
     let mut evs = events(70, 0..5);
     evs[2].properties.insert("ms".into(), 2300.into());
     let bad_id = evs[2].event_id.clone();
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", evs, batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
     eventually(20, "4 points and 1 dead letter", || async {
         acme_points(&influx).await == Some(4)
             && agg.metric("outpost_sink_dead_letters_total").await == 1.0

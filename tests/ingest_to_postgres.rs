@@ -28,10 +28,7 @@ async fn acknowledged_frames_become_rows_with_every_field() {
         assert_eq!(body["accepted"], 10);
         assert_eq!(body["request_id"], request_id.as_str());
     }
-    eventually(15, "30 rows in postgres", || async {
-        db.count_events("acme-web").await == 30
-    })
-    .await;
+    db.wait_rows("acme-web", 30, 15).await;
 
     type Stored = (
         String,
@@ -135,10 +132,7 @@ async fn copy_and_its_insert_fallback_store_and_count_the_same_values() {
         .ingest(frame_for("insert-path", sent[3..4].to_vec(), batch_id()))
         .await;
     assert_eq!(resp.status(), 202);
-    eventually(15, "the first event of insert-path", || async {
-        db.count_events("insert-path").await == 1
-    })
-    .await;
+    db.wait_rows("insert-path", 1, 15).await;
     let resp = agg
         .ingest(frame_for("insert-path", sent.clone(), batch_id()))
         .await;
@@ -263,10 +257,7 @@ handoff_max_bytes = 0
             (body["accepted"].as_u64(), body["rejected"].as_u64()),
             (Some(11), Some(1))
         );
-        eventually(15, "the first frame stored", || async {
-            db.count_events(client).await == 11
-        })
-        .await;
+        db.wait_rows(client, 11, 15).await;
         let resp = agg
             .ingest(frame_at(client, repeat.clone(), received_at))
             .await;
@@ -314,43 +305,22 @@ async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
 
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(7, 0..10), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "first batch stored", || async {
-        db.count_events("acme-web").await == 10
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(7, 0..10), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 10, 15).await;
     // A retry with new and old ids, as a client resends after a lost answer.
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(7, 5..15), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "15 distinct rows", || async {
-        db.count_events("acme-web").await == 15
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(7, 5..15), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 15, 15).await;
     // Redis, not only the unique key, dropped the five repeats.
     eventually(5, "dedup counted 5", || async {
         agg.metric("outpost_dedup_duplicates_total").await == 5.0
     })
     .await;
     // The same ids from another client are that client's own events.
-    assert_eq!(
-        agg.ingest(frame_for("other-app", events(7, 0..3), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "other client's rows", || async {
-        db.count_events("other-app").await == 3
-    })
-    .await;
+    agg.ingest_accepted(frame_for("other-app", events(7, 0..3), batch_id()))
+        .await;
+    db.wait_rows("other-app", 3, 15).await;
 }
 
 #[tokio::test]
@@ -372,24 +342,13 @@ async fn a_replayed_batch_whose_ids_it_already_claimed_is_not_lost() {
             .unwrap();
     }
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(9, 0..4), batch))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "replayed batch stored", || async {
-        db.count_events("acme-web").await == 4
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(9, 0..4), batch))
+        .await;
+    db.wait_rows("acme-web", 4, 15).await;
     assert_eq!(agg.metric("outpost_dedup_duplicates_total").await, 0.0);
     // A different batch with those ids is a duplicate.
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(9, 0..4), batch_id()))
-            .await
-            .status(),
-        202
-    );
+    agg.ingest_accepted(frame_for("acme-web", events(9, 0..4), batch_id()))
+        .await;
     eventually(5, "4 duplicates", || async {
         agg.metric("outpost_dedup_duplicates_total").await == 4.0
     })
@@ -412,10 +371,7 @@ async fn invalid_events_in_a_frame_are_reported_and_not_stored() {
     );
     assert_eq!(body["errors"][0]["index"], 1);
     assert_eq!(body["errors"][0]["code"], 40002);
-    eventually(15, "2 rows", || async {
-        db.count_events("acme-web").await == 2
-    })
-    .await;
+    db.wait_rows("acme-web", 2, 15).await;
 }
 
 #[tokio::test]
@@ -438,22 +394,11 @@ async fn redis_down_fails_open_and_postgres_still_drops_duplicates() {
         .unwrap();
     assert_eq!(ready["status"], "degraded");
     assert_eq!(ready["checks"]["redis"], "down");
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(13, 0..5), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(13, 0..5), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "5 rows", || async {
-        db.count_events("acme-web").await == 5
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(13, 0..5), batch_id()))
+        .await;
+    agg.ingest_accepted(frame_for("acme-web", events(13, 0..5), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 5, 15).await;
     eventually(5, "dedup errors counted", || async {
         agg.metric("outpost_dedup_errors_total").await >= 1.0
     })
@@ -477,16 +422,9 @@ async fn redis_down_fails_open_and_postgres_still_drops_duplicates() {
 async fn the_readme_metrics_table_is_what_metrics_exports() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(31, 0..2), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "delivered", || async {
-        db.count_events("acme-web").await == 2
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(31, 0..2), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 2, 15).await;
     // A refused frame, so that the per-code error family has a series.
     assert_eq!(agg.ingest(b"not a frame".to_vec()).await.status(), 400);
     let text = reqwest::get(format!("{}/metrics", agg.url))
@@ -602,16 +540,9 @@ fn run_retention(db_url: &str, keep: &str) {
 async fn the_readme_retention_block_deletes_old_events_with_their_rollups() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
-    assert_eq!(
-        agg.ingest(frame_for("acme-web", events(41, 0..6), batch_id()))
-            .await
-            .status(),
-        202
-    );
-    eventually(15, "6 rows", || async {
-        db.count_events("acme-web").await == 6
-    })
-    .await;
+    agg.ingest_accepted(frame_for("acme-web", events(41, 0..6), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 6, 15).await;
     let counted = |pool: sqlx::PgPool| async move {
         sqlx::query_scalar::<_, i64>(
             "SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE dim = ''",

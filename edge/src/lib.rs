@@ -14,10 +14,14 @@
 //! * [`config`]: the settings every adapter reads from its platform's
 //!   variables, with one set of names and defaults;
 //! * [`upstream`]: the requests to the aggregator, what its answers mean,
-//!   and the `Upstream` every adapter uses over its own HTTP `Transport`.
+//!   and the `Upstream` every adapter uses over its own HTTP `Transport`;
+//! * `fixtures`: the test clients the unit tests and the conformance suite
+//!   share (test data, unused by the edge itself).
 
 pub mod body;
 pub mod config;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod kv_cache;
 pub mod kv_slots;
 pub mod net;

@@ -6,19 +6,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use hmac::Mac as _;
 use outpost_shared::auth::api_key;
-use outpost_shared::auth::permission::Permissions;
-use outpost_shared::client::{Credential as Cred, KeyMaterial, Secret};
+use outpost_shared::client::{KeyMaterial, Secret};
 use outpost_shared::frame::{Frame, FrameLimits, KeyRing};
 use outpost_shared::kv::{MemoryKv, block_on};
 use outpost_shared::ratelimit::RateLimit;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::fixtures::{self, HMAC_SECRET, JWT_SECRET, record};
 
 const NOW: i64 = 1_795_701_600_000;
 const EDGE_SECRET: &[u8] = b"edge-secret-edge-secret-edge-sec";
-const HMAC_SECRET: &[u8] = b"client-hmac-secret";
-const JWT_SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 struct TestUpstream {
     clients: RefCell<HashMap<String, ClientRecord>>,
@@ -124,70 +122,9 @@ fn config() -> EdgeConfig {
     }
 }
 
-fn record(id: &str, method: AuthMethod, key: Option<KeyMaterial>) -> ClientRecord {
-    ClientRecord {
-        id: id.into(),
-        name: id.into(),
-        method,
-        credentials: key
-            .map(|k| {
-                vec![Cred {
-                    key: k,
-                    not_after: None,
-                }]
-            })
-            .unwrap_or_default(),
-        jwt: None,
-        permissions: Permissions::parse(["write:events"]).unwrap(),
-        rate_limit: None,
-        ip_rate_limit: None,
-        allowed_origins: vec!["https://shop.example".into()],
-        active: true,
-        expires_at: None,
-    }
-}
-
 fn upstream() -> TestUpstream {
     let mut clients = HashMap::new();
-    for r in [
-        record("web", AuthMethod::WriteKey, None),
-        record(
-            "server",
-            AuthMethod::Hmac,
-            Some(KeyMaterial::HmacSecret {
-                secret: Secret::new(HMAC_SECRET.to_vec()),
-            }),
-        ),
-        record(
-            "app",
-            AuthMethod::Jwt,
-            Some(KeyMaterial::JwtSecret {
-                secret: Secret::new(JWT_SECRET.to_vec()),
-            }),
-        ),
-        record(
-            "backend",
-            AuthMethod::ApiKey,
-            Some(KeyMaterial::ApiKeyHash {
-                sha256: api_key::hash(&api_key::format("backend", b"s3cret")),
-            }),
-        ),
-        ClientRecord {
-            active: false,
-            ..record("revoked", AuthMethod::WriteKey, None)
-        },
-        ClientRecord {
-            rate_limit: Some(RateLimit {
-                limit: 2,
-                period_secs: 60,
-            }),
-            ..record("limited", AuthMethod::WriteKey, None)
-        },
-        ClientRecord {
-            permissions: Permissions::parse(["read:events"]).unwrap(),
-            ..record("readonly", AuthMethod::WriteKey, None)
-        },
-    ] {
+    for r in fixtures::clients() {
         clients.insert(r.id.clone(), r);
     }
     TestUpstream {

@@ -164,6 +164,28 @@ impl Aggregator {
             .expect("ingest request")
     }
 
+    /// `POST /v1/ingest`, which must answer `202` (durable).
+    pub async fn ingest_accepted(&self, frame: Vec<u8>) {
+        let resp = self.ingest(frame).await;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 202, "ingest refused: {body}");
+    }
+
+    /// Waits up to `secs` until every sink has every batch (the spool
+    /// holds none).
+    pub async fn wait_spool_empty(&self, secs: u64) {
+        self.wait_metric("outpost_spool_batches", 0.0, secs).await;
+    }
+
+    /// Waits up to `secs` until `name` reads `value`.
+    pub async fn wait_metric(&self, name: &str, value: f64, secs: u64) {
+        eventually(secs, &format!("{name} = {value}"), || async {
+            self.metric(name).await == value
+        })
+        .await;
+    }
+
     /// One metric's value from `/metrics` (summed over label sets).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(format!("{}/metrics", self.url))

@@ -97,6 +97,14 @@ impl TestDb {
             .await
             .unwrap_or(0)
     }
+
+    /// Waits up to `secs` until `client_id` has exactly `rows` events stored.
+    pub async fn wait_rows(&self, client_id: &str, rows: i64, secs: u64) {
+        crate::aggregator::eventually(secs, &format!("{rows} rows of {client_id}"), || async {
+            self.count_events(client_id).await == rows
+        })
+        .await;
+    }
 }
 
 impl Drop for TestDb {
