@@ -1,7 +1,7 @@
 //! The database the events are read from and client records live in:
 //! PostgreSQL (`[postgres]`, production) or SQLite (`[sqlite]`, the embedded
 //! store of `outpost dev`). The two schemas hold the same rows; what differs
-//! is spelled out where the SQL is (`query.rs`, `clients.rs`, `sinks/`).
+//! is spelled out where the SQL is (`read_api/sql.rs`, `clients.rs`, `sinks/`).
 
 use sqlx::{PgPool, SqlitePool};
 
