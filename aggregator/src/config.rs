@@ -540,6 +540,7 @@ mod tests {
                 ("OUTPOST_DEDUP_REDIS_URLS", "redis://a:1, redis://b:2"),
                 ("OUTPOST_SERVER_FRAME_MAX_EVENTS", "7"),
                 ("OUTPOST_SERVER_TLS_CERT_PATH", "/etc/outpost/cert.pem"),
+                ("OUTPOST_SERVER_TLS_KEY_PATH", "/etc/outpost/key.pem"),
                 ("OUTPOST_INFLUXDB_ENABLED", "true"),
                 (
                     "OUTPOST_EDGE_KEYS",
