@@ -803,6 +803,10 @@ where
     let mut vars = edge_variables(&stand_in.url);
     // A small key space, so that the flood passes it many times over.
     vars.push(("kv_slots", "4096".into()));
+    // Nonces are remembered for twice the window: a long one, so that the
+    // nonce outlives the flood however slow the machine (a re-signed
+    // request with the same nonce after that would rightly be accepted).
+    vars.push(("signature_window_secs", "3600".into()));
     let edge = Edge::start_with_host(
         Runtime::Wasmtime,
         &vars,

@@ -60,13 +60,43 @@ impl InfluxServer {
             _dir: dir,
         };
         wait_up(&format!("{}/ping", s.url), "influxd").await;
-        let created = reqwest::Client::new()
-            .post(format!("{}/query", s.url))
-            .form(&[("q", format!("CREATE DATABASE {db}"))])
-            .send()
-            .await
-            .unwrap();
-        assert!(created.status().is_success());
+        // The port must be influxd's (another server that took it first
+        // would answer too), and the database must be there before the
+        // test writes: CREATE answers 200 even when it failed, so ask.
+        let http = reqwest::Client::new();
+        let ping = http.get(format!("{}/ping", s.url)).send().await.unwrap();
+        assert!(
+            ping.headers().contains_key("x-influxdb-version"),
+            "port {port} is not influxd's: {:?}",
+            ping.headers()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let created = http
+                .post(format!("{}/query", s.url))
+                .form(&[("q", format!("CREATE DATABASE {db}"))])
+                .send()
+                .await
+                .unwrap();
+            assert!(created.status().is_success());
+            let shown = http
+                .post(format!("{}/query", s.url))
+                .form(&[("q", "SHOW DATABASES")])
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap_or_default();
+            if shown.contains(&format!("[\"{db}\"]")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "influxd has no database {db}: {shown}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         s
     }
 
