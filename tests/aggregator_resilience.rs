@@ -184,7 +184,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
         let mut acked = Vec::new();
         for tag in 0..400u32 {
             let evs = events(1000 + tag, 0..25);
-            let ids: Vec<String> = evs.iter().map(|e| e.event_id.clone()).collect();
+            let ids: Vec<String> = evs.iter().map(|e| e.event_id.to_string()).collect();
             let resp = client
                 .post(format!("{url}/v1/ingest"))
                 .header("content-type", "application/vnd.outpost.frame")
@@ -366,7 +366,7 @@ async fn postgres_stopped_under_load_then_back_loses_nothing_and_ingest_never_st
         let (mut acked, mut refused) = (Vec::new(), 0);
         for tag in 0..150u32 {
             let evs = events(5000 + tag, 0..10);
-            let ids: Vec<String> = evs.iter().map(|e| e.event_id.clone()).collect();
+            let ids: Vec<String> = evs.iter().map(|e| e.event_id.to_string()).collect();
             let resp = client
                 .post(format!("{url}/v1/ingest"))
                 .header("content-type", "application/vnd.outpost.frame")

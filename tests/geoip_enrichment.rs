@@ -127,7 +127,7 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
                 .await;
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             sqlx::query_scalar::<_, Option<String>>("SELECT city FROM events WHERE event_id = $1")
-                .bind(&id)
+                .bind(id.as_str())
                 .fetch_optional(&db.pool)
                 .await
                 .unwrap()
@@ -147,7 +147,7 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
         .await;
     eventually(15, "row stored", || async {
         sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE event_id = $1")
-            .bind(&id)
+            .bind(id.as_str())
             .fetch_one(&db.pool)
             .await
             .unwrap()

@@ -203,10 +203,11 @@ async fn the_influxdb_sink_writes_no_breakable_line_even_past_validation() {
         ..Default::default()
     };
     let id = outpost_shared::frame::BatchId([9; 16]);
+    let client = outpost_shared::ClientId::from("hostile");
     let rows: Vec<Row<'_>> = evs
         .iter()
         .map(|event| Row {
-            client_id: "hostile",
+            client_id: &client,
             batch_id: &id,
             edge_id: "e",
             facts: &facts,
@@ -584,7 +585,7 @@ async fn an_event_refused_at_ingest_or_dead_lettered_can_be_sent_again_with_its_
     let names: Vec<(String, String)> = sqlx::query_as(
         "SELECT event_id, name FROM events WHERE event_id = ANY($1) ORDER BY event_id",
     )
-    .bind(vec![refused_id.clone(), poisoned_id.clone()])
+    .bind(vec![refused_id.to_string(), poisoned_id.to_string()])
     .fetch_all(&db.pool)
     .await
     .unwrap();

@@ -213,6 +213,9 @@ async fn points_influxdb_refuses_are_dead_lettered_and_the_rest_written() {
             .fetch_one(&mut conn)
             .await
             .unwrap();
-    assert_eq!((sink.as_str(), event_id), ("influxdb", bad_id));
+    assert_eq!(
+        (sink.as_str(), event_id),
+        ("influxdb", bad_id.into_string())
+    );
     assert!(error.contains("conflict"), "{error}");
 }

@@ -293,7 +293,7 @@ handoff_max_bytes = 0
     let level: Option<String> = sqlx::query_scalar(
         "SELECT level FROM events WHERE client_id = 'handoff-path' AND event_id = $1",
     )
-    .bind(&sent[4].event_id)
+    .bind(sent[4].event_id.as_str())
     .fetch_one(&db.pool)
     .await
     .unwrap();

@@ -159,7 +159,7 @@ async fn fixture_on(kind: Kind) -> Fixture {
                 e.user_id = Some(format!("u{}", i % 7));
                 if client == "acme-web" {
                     acme.push((
-                        e.event_id.clone(),
+                        e.event_id.to_string(),
                         e.timestamp.unwrap().millis(),
                         e.name.clone().unwrap(),
                         format!("u{}", i % 7),

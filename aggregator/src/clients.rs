@@ -199,7 +199,7 @@ impl ClientStore {
                     "INSERT INTO clients (id, record) VALUES ($1, $2) \
                      ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, updated_at = now()",
                 )
-                .bind(&record.id)
+                .bind(record.id.as_str())
                 .bind(Json(&sealed))
                 .execute(p)
                 .await?;
@@ -209,7 +209,7 @@ impl ClientStore {
                     "INSERT INTO clients (id, record, updated_at) VALUES (?, ?, unixepoch()) \
                      ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at",
                 )
-                .bind(&record.id)
+                .bind(record.id.as_str())
                 .bind(Json(&sealed))
                 .execute(p)
                 .await?;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 
 use outpost_shared::frame::BatchId;
+use outpost_shared::id::{ClientId, EventId};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 
@@ -178,12 +179,15 @@ impl Dedup {
     /// delivered (new, or already claimed by this same batch).
     pub async fn claim(
         &self,
-        client_id: &str,
-        event_ids: &[&str],
+        client_id: &ClientId,
+        event_ids: &[&EventId],
         batch: &BatchId,
         now_ms: i64,
         metrics: &Metrics,
     ) -> Vec<bool> {
+        let client_id = client_id.as_str();
+        let event_ids: Vec<&str> = event_ids.iter().map(|e| e.as_str()).collect();
+        let event_ids = event_ids.as_slice();
         let result = match self {
             Dedup::Off => return vec![true; event_ids.len()],
             Dedup::Memory(m, s) => Ok(m.claim(s, client_id, event_ids, batch, now_ms)),
@@ -217,7 +221,10 @@ impl Dedup {
     /// corrected re-send with the same event id is not taken for a
     /// duplicate; one that another batch holds is left alone. Best effort:
     /// Redis down leaves the claims to expire with the window.
-    pub async fn release(&self, client_id: &str, event_ids: &[&str], batch: &BatchId) {
+    pub async fn release(&self, client_id: &ClientId, event_ids: &[&EventId], batch: &BatchId) {
+        let client_id = client_id.as_str();
+        let event_ids: Vec<&str> = event_ids.iter().map(|e| e.as_str()).collect();
+        let event_ids = event_ids.as_slice();
         if event_ids.is_empty() {
             return;
         }

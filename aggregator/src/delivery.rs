@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_shared::frame::{self, FrameError, FrameLimits};
+use outpost_shared::id::{ClientId, EventId};
 use outpost_shared::validate::{Limits, fill_defaults, validate_event};
 use tokio::sync::watch;
 
@@ -353,13 +354,13 @@ async fn deliver<S: Sink>(
         let fresh = checked
             .claims
             .get_or_init(|| {
-                let ids: Vec<&str> = frame
+                let ids: Vec<&EventId> = frame
                     .batch
                     .events
                     .iter()
                     .zip(&checked.valid)
                     .filter(|(_, v)| **v)
-                    .map(|(e, _)| e.event_id.as_str())
+                    .map(|(e, _)| &e.event_id)
                     .collect();
                 async move {
                     ctx.dedup
@@ -476,11 +477,11 @@ async fn deliver<S: Sink>(
         .collect();
     ctx.spool.dead_letter(&letters).await.map_err(spool_error)?;
     for r in &refused {
-        tracing::warn!(sink = name, client_id = r.row.client_id, event_id = %r.row.event.event_id, reason = %r.reason, "row dead-lettered");
+        tracing::warn!(sink = name, client_id = %r.row.client_id, event_id = %r.row.event.event_id, reason = %r.reason, "row dead-lettered");
     }
     // The refused rows were not stored: their claims go back, so that the
     // client's corrected re-send with the same ids is not a duplicate.
-    let mut by_batch: std::collections::BTreeMap<(&str, &[u8; 16]), Vec<&str>> =
+    let mut by_batch: std::collections::BTreeMap<(&ClientId, &[u8; 16]), Vec<&EventId>> =
         std::collections::BTreeMap::new();
     for r in &refused {
         by_batch
@@ -546,7 +547,7 @@ mod tests {
             .events
             .iter()
             .map(|event| Row {
-                client_id: "c",
+                client_id: &batch.client_id,
                 batch_id: &ID,
                 edge_id: "e",
                 facts: &batch.facts,

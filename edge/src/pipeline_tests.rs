@@ -125,7 +125,7 @@ fn config() -> EdgeConfig {
 fn upstream() -> TestUpstream {
     let mut clients = HashMap::new();
     for r in fixtures::clients() {
-        clients.insert(r.id.clone(), r);
+        clients.insert(r.id.to_string(), r);
     }
     TestUpstream {
         clients: RefCell::new(clients),

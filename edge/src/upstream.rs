@@ -270,7 +270,7 @@ mod tests {
         let ctx = client_record_context("web", 1_800_000_000);
         let sealed = cfg.record_key.seal([3; 12], &ctx, &record);
         let got = client_answer(200, &sealed, &cfg.record_key, "web", 1_800_000_000).unwrap();
-        assert_eq!(got.map(|r| r.id), Some("web".to_owned()));
+        assert_eq!(got.map(|r| r.id.into_string()), Some("web".to_owned()));
         // In clear text (a proxy's own record), or replayed for a later
         // lookup, or for another id: refused.
         assert!(client_answer(200, &record, &cfg.record_key, "web", 1_800_000_000).is_err());

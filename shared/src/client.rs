@@ -15,6 +15,7 @@ use crate::auth::jwt::{JwtAlgorithm, JwtKey, JwtPolicy, KeyError};
 use crate::auth::permission::Permissions;
 use crate::error::ErrorCode;
 use crate::event::Timestamp;
+pub use crate::id::ClientId;
 use crate::ratelimit::RateLimit;
 
 /// Secret bytes: base64url in JSON, `Secret(***)` in `Debug`.
@@ -136,7 +137,7 @@ pub struct Credential {
 #[serde(deny_unknown_fields)]
 pub struct ClientRecord {
     /// The id: `[a-z0-9][a-z0-9-]{0,63}`. For write keys it *is* the key.
-    pub id: String,
+    pub id: ClientId,
     /// A display name.
     pub name: String,
     /// How it authenticates.

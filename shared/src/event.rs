@@ -11,6 +11,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+pub use crate::id::EventId;
+
 /// Milliseconds since the Unix epoch, UTC. In JSON: an RFC 3339 string
 /// (`"2026-11-26T14:00:00.123Z"`, any offset accepted on input) or an integer
 /// number of milliseconds; always written as RFC 3339 in UTC.
@@ -249,7 +251,7 @@ pub struct Event {
     /// Client-generated UUID (any version, hyphenated) or ULID. The
     /// aggregator drops a second event with the same id from the same
     /// client, so a retry must reuse it.
-    pub event_id: String,
+    pub event_id: EventId,
     /// When it happened, by the client's clock. When absent, the edge's
     /// time of arrival is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -302,7 +304,7 @@ pub struct Event {
 
 impl Event {
     /// A minimal analytics event (for tests, examples and SDK-like callers).
-    pub fn new_event(event_id: impl Into<String>, name: impl Into<String>) -> Event {
+    pub fn new_event(event_id: impl Into<EventId>, name: impl Into<String>) -> Event {
         Event {
             event_id: event_id.into(),
             timestamp: None,

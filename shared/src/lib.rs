@@ -11,7 +11,8 @@
 //! * [`ratelimit`]: GCRA over the [`kv::Kv`] seam;
 //! * [`frame`]: the signed edge → aggregator batch codec;
 //! * [`client`]: client records, the unit of authentication and limits;
-//! * [`seal`]: client records sealed under keys derived from the edge key.
+//! * [`seal`]: client records sealed under keys derived from the edge key;
+//! * [`id`]: `ClientId` and `EventId`, so the two cannot be mixed up.
 //!
 //! Time is always an argument (milliseconds or seconds since the epoch),
 //! never read from a clock here: every rule is deterministic under test.
@@ -24,6 +25,7 @@ pub mod client;
 pub mod error;
 pub mod event;
 pub mod frame;
+pub mod id;
 pub mod kv;
 pub mod ratelimit;
 pub mod sample;
@@ -32,3 +34,4 @@ pub mod validate;
 
 pub use error::{ErrorCode, ErrorEnvelope, FieldError};
 pub use event::{EdgeFacts, Event, Timestamp};
+pub use id::{ClientId, EventId};

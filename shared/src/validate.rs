@@ -186,7 +186,7 @@ pub fn parse_batch(
                     Some("event_id"),
                     "an earlier event in this batch has the same event_id",
                 )
-                .with_event_id(Some(event.event_id)))
+                .with_event_id(Some(event.event_id.into_string())))
             }
         });
         match result {

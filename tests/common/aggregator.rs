@@ -225,7 +225,7 @@ pub fn events(tag: u32, range: std::ops::Range<u32>) -> Vec<Event> {
     range
         .map(|i| {
             let mut e = sample.clone();
-            e.event_id = format!("{tag:08x}-0000-4000-8000-{i:012x}");
+            e.event_id = format!("{tag:08x}-0000-4000-8000-{i:012x}").into();
             e.seq = Some(u64::from(i));
             e.timestamp = Some(now());
             e

@@ -55,7 +55,7 @@ impl StandIn {
         let addr = listener.local_addr().unwrap();
         let me = Arc::new(StandIn {
             url: format!("http://{addr}"),
-            clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            clients: clients.into_iter().map(|c| (c.id.to_string(), c)).collect(),
             mode: Mutex::new(Mode::Accept),
             seen: Mutex::new(Seen::default()),
         });

@@ -161,7 +161,8 @@ fn events_for(run: u64, frame: usize, n: usize, now: Timestamp) -> Vec<Event> {
             (frame >> 12) & 0xffff,
             frame & 0xfff,
             i
-        );
+        )
+        .into();
         e.timestamp = Some(now);
     }
     events
@@ -180,7 +181,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         opts.frames, opts.events_per_frame
     );
     let mut batch = typical_batch(0);
-    batch.client_id = opts.client_id.clone();
+    batch.client_id = opts.client_id.as_str().into();
     batch.facts.received_at = now;
     let mut frames = Vec::with_capacity(opts.frames);
     let mut all_events = Vec::new();

@@ -209,7 +209,7 @@ pub async fn create(store: &ClientStore, a: &CreateArgs) -> anyhow::Result<Value
         leeway_secs: None,
     });
     let record = ClientRecord {
-        id: id.clone(),
+        id: id.as_str().into(),
         name: a.name.clone(),
         method: auth_method(a.method),
         credentials,

@@ -222,7 +222,7 @@ pub async fn replay(config: &Config, sel: &Selection, url: &str) -> anyhow::Resu
                 events: BTreeMap::new(),
             });
         r.events
-            .entry(event.event_id.clone())
+            .entry(event.event_id.to_string())
             .or_insert_with(|| (event, Vec::new()))
             .1
             .push(d.id);
@@ -254,7 +254,7 @@ pub async fn replay(config: &Config, sel: &Selection, url: &str) -> anyhow::Resu
         let events: Vec<(Event, Vec<i64>)> = r.events.into_values().collect();
         for chunk in events.chunks(config.server.frame.max_events.max(1) as usize) {
             let batch = Batch {
-                client_id: r.client_id.clone(),
+                client_id: r.client_id.as_str().into(),
                 facts: r.facts.clone(),
                 events: chunk.iter().map(|(e, _)| e.clone()).collect(),
                 sent_at: None,

@@ -155,7 +155,7 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
             Err(mut e) => {
                 valid.push(false);
                 e.index = Some(index);
-                e.event_id = Some(event.event_id.clone());
+                e.event_id = Some(event.event_id.to_string());
                 rejected.push(e);
             }
         }
@@ -172,7 +172,7 @@ async fn ingest_inner(app: &AppState, req: Request, id: &str) -> Result<Response
     }
     let entry = SpoolEntry {
         batch_id: batch_id.0,
-        client_id: decoded.batch.client_id.clone(),
+        client_id: decoded.batch.client_id.to_string(),
         priority: i64::from(high),
         event_count: i64::from(decoded.header.event_count),
         frame: bytes.to_vec(),

@@ -167,12 +167,12 @@ pub(super) fn scope_to_caller(q: &mut Query, who: &ClientRecord) -> Result<(), Q
         return Ok(());
     }
     match q.filters.get("client_id") {
-        Some(c) if c != &who.id => Err(QueryError(
+        Some(c) if c != who.id.as_str() => Err(QueryError(
             ErrorCode::PermissionDenied,
             "only admin:events reads other clients".into(),
         )),
         _ => {
-            q.filters.insert("client_id".into(), who.id.clone());
+            q.filters.insert("client_id".into(), who.id.to_string());
             Ok(())
         }
     }

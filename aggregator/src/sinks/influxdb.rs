@@ -420,11 +420,12 @@ mod tests {
     fn points_carry_low_cardinality_tags_and_numeric_fields_only() {
         let batch = typical_batch(10);
         let id = outpost_shared::frame::BatchId([1; 16]);
+        let client = outpost_shared::ClientId::from("acme-web");
         let rows: Vec<Row<'_>> = batch
             .events
             .iter()
             .map(|event| Row {
-                client_id: "acme-web",
+                client_id: &client,
                 batch_id: &id,
                 edge_id: "e",
                 facts: &batch.facts,
@@ -491,11 +492,12 @@ mod tests {
             e.context.app_version = Some("1.0\r\n2".into());
         }
         let id = outpost_shared::frame::BatchId([1; 16]);
+        let client = outpost_shared::ClientId::from("acme-web");
         let rows: Vec<Row<'_>> = batch
             .events
             .iter()
             .map(|event| Row {
-                client_id: "acme-web",
+                client_id: &client,
                 batch_id: &id,
                 edge_id: "e",
                 facts: &batch.facts,

@@ -25,6 +25,7 @@ use crate::delivery::DeliveryContext;
 
 use outpost_shared::event::{EdgeFacts, Event};
 use outpost_shared::frame::BatchId;
+use outpost_shared::id::ClientId;
 
 use crate::geoip::Geo;
 
@@ -32,7 +33,7 @@ use crate::geoip::Geo;
 #[derive(Debug, Clone, Copy)]
 pub struct Row<'a> {
     /// The client the event belongs to.
-    pub client_id: &'a str,
+    pub client_id: &'a ClientId,
     /// The batch that carried it.
     pub batch_id: &'a BatchId,
     /// The edge that forwarded it.

@@ -322,8 +322,8 @@ struct Columns {
 impl Columns {
     fn push(&mut self, r: &Row<'_>) {
         let e = r.event;
-        self.client_id.push(r.client_id.to_owned());
-        self.event_id.push(e.event_id.clone());
+        self.client_id.push(r.client_id.to_string());
+        self.event_id.push(e.event_id.to_string());
         // Rows of one batch are adjacent: format its id once.
         match self.batch_id.last() {
             Some(prev) if self.last_batch == Some(*r.batch_id) => {

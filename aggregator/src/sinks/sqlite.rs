@@ -87,8 +87,8 @@ impl SqliteSink {
             sql.push_values(chunk, |mut b, r| {
                 let e = r.event;
                 let g = r.geo;
-                b.push_bind(r.client_id.to_owned())
-                    .push_bind(e.event_id.clone())
+                b.push_bind(r.client_id.to_string())
+                    .push_bind(e.event_id.to_string())
                     .push_bind(r.batch_id.to_string())
                     .push_bind(r.edge_id.to_owned())
                     .push_bind(r.ts_ms().saturating_mul(1000))

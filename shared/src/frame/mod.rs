@@ -35,6 +35,7 @@ use sha2::Sha256;
 use crate::client::Secret;
 use crate::error::ErrorCode;
 use crate::event::{EdgeFacts, Event, Timestamp};
+use crate::id::ClientId;
 
 /// The frame's first four bytes.
 pub const MAGIC: [u8; 4] = *b"OPBF";
@@ -115,7 +116,7 @@ pub struct FrameHeader {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// The authenticated client the events belong to.
-    pub client_id: String,
+    pub client_id: ClientId,
     /// What the edge knows about the request.
     pub facts: EdgeFacts,
     /// The events.

@@ -351,7 +351,7 @@ prop_compose! {
         high in any::<bool>(),
     ) -> Event {
         Event {
-            event_id: id,
+            event_id: id.into(),
             timestamp: Some(Timestamp(ts)),
             kind: if log { Kind::Log } else { Kind::Event },
             name, message, level, user_id, anonymous_id, session_id,
@@ -375,7 +375,7 @@ prop_compose! {
         sent_at in prop::option::of(any::<i64>()),
     ) -> Batch {
         Batch {
-            client_id,
+            client_id: client_id.into(),
             facts: EdgeFacts { client_ip: ip, user_agent: ua, received_at: Timestamp(received), pop, country_hint: country, origin },
             events,
             sent_at: sent_at.map(Timestamp),

@@ -220,7 +220,7 @@ impl Body {
     pub(super) fn from_batch(batch: &Batch) -> Result<Body, &'static str> {
         let f = &batch.facts;
         Ok(Body {
-            client_id: batch.client_id.clone(),
+            client_id: batch.client_id.to_string(),
             facts: Some(Facts {
                 client_ip: f.client_ip.clone(),
                 user_agent: f.user_agent.clone(),
@@ -260,7 +260,7 @@ impl Body {
             })
             .collect::<Result<_, _>>()?;
         Ok(Batch {
-            client_id: self.client_id,
+            client_id: self.client_id.into(),
             facts,
             events,
             sent_at: self.sent_at_ms.map(Timestamp),
@@ -282,7 +282,7 @@ impl Event {
             library_version: c.library_version.clone(),
         });
         Ok(Event {
-            event_id: e.event_id.clone(),
+            event_id: e.event_id.to_string(),
             // Validation always fills the timestamp; an unvalidated event
             // gets the arrival time, as validation would give it.
             timestamp_ms: e.timestamp.unwrap_or(received_at).millis(),
@@ -332,7 +332,7 @@ impl Event {
                 library_version: c.library_version,
             });
         Ok(DomainEvent {
-            event_id: self.event_id,
+            event_id: self.event_id.into(),
             timestamp: Some(Timestamp(self.timestamp_ms)),
             kind: kind_from_wire(self.kind)?,
             name: self.name,
