@@ -845,3 +845,80 @@ async fn the_openapi_document_covers_every_route_and_describes_real_answers() {
         .unwrap();
     conforms(&doc, "Ready", &ready, &[]);
 }
+
+/// Restarts `agg` with a new edge key in front of the old ones (the first
+/// step of an edge-key rotation, README "Rotating the edge key").
+async fn rotate_first_edge_key(agg: &mut Aggregator, id: &str) {
+    agg.kill();
+    let secret = format!("{id}-edge-secret-{id}-edge-secret-{id}");
+    let secret = base64url(secret.as_bytes());
+    agg.edit_config(|c| {
+        c.replacen(
+            "[[edge_keys]]\n",
+            &format!("[[edge_keys]]\nid = \"{id}\"\nsecret = \"{secret}\"\n\n[[edge_keys]]\n"),
+            1,
+        )
+    });
+    agg.spawn().await;
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[tokio::test]
+async fn cursors_signed_with_the_cursor_secret_survive_an_edge_key_rotation_and_open_on_another_node()
+ {
+    let mut f = fixture().await;
+    // Without a cursor secret, cursors are signed with a key derived from
+    // the first edge key: rotating that key invalidates them.
+    let (_, page) = get(&f, "acme-web", "limit=2").await;
+    let before = page["next"].as_str().unwrap().to_owned();
+    rotate_first_edge_key(&mut f.agg, "rotated-1").await;
+    let (status, refused) = get(&f, "acme-web", &format!("limit=2&cursor={before}")).await;
+    assert_eq!((status, refused["code"].as_i64()), (400, Some(40015)));
+
+    // With `read_api.cursor_secret`, the cursor outlives the rotation.
+    let secret = base64url(b"cursor-secret-cursor-secret-cursor-secret");
+    f.agg.kill();
+    f.agg
+        .edit_config(|c| format!("{c}\n[read_api]\ncursor_secret = \"{secret}\"\n"));
+    f.agg.spawn().await;
+    let (_, page) = get(&f, "acme-web", "limit=2").await;
+    let next = page["next"].as_str().unwrap().to_owned();
+    let (status, second) = get(&f, "acme-web", &format!("limit=2&cursor={next}")).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(ids(&second).len(), 2);
+    rotate_first_edge_key(&mut f.agg, "rotated-2").await;
+    let (status, again) = get(&f, "acme-web", &format!("limit=2&cursor={next}")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        ids(&again),
+        ids(&second),
+        "the same page after the rotation"
+    );
+
+    // And on another aggregator with other edge keys but the same secret.
+    let Store::Postgres(db) = &f.db else {
+        unreachable!("fixture() is on PostgreSQL")
+    };
+    let other = Aggregator::start(&format!(
+        "{}\n[read_api]\ncursor_secret = \"{secret}\"\n",
+        store_config(&db.url, &f._redis)
+    ))
+    .await;
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/events?limit=2&cursor={next}", other.url))
+        .header("authorization", format!("Bearer {}", key("acme-web")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let elsewhere: Value = resp.json().await.unwrap();
+    assert_eq!(
+        ids(&elsewhere),
+        ids(&second),
+        "the same page on another node"
+    );
+}

@@ -112,15 +112,9 @@ pub async fn serve_until(
         trusted_proxies: outpost_edge::net::NetList::parse(
             config.server.trusted_proxies.iter().map(String::as_str),
         )?,
-        // Cursors are signed with a key derived from the first edge key:
-        // rotating it invalidates outstanding cursors, nothing else.
-        cursor_key: crate::read_api::CursorKey::derive(
-            config
-                .edge_keys
-                .first()
-                .map(|k| k.secret.expose())
-                .unwrap_or_default(),
-        ),
+        // `read_api.cursor_secret` (shared by a fleet), else a key derived
+        // from the first edge key.
+        cursor_key: config.cursor_key()?,
         db,
         sinks: probes,
         retry_after_secs: config.server.retry_after_secs,

@@ -140,6 +140,11 @@ pub struct ReadApiConfig {
     /// (`/v1/stats` with `users=true` or filters the rollups cannot
     /// answer), in seconds.
     pub max_scan_span_secs: u64,
+    /// Signs query cursors (base64url, at least 32 bytes): the same on
+    /// every aggregator behind one address, so a cursor from one opens on
+    /// another. Empty: a key derived from the first edge key (rotating
+    /// that key then invalidates open cursors).
+    pub cursor_secret: Redacted,
 }
 
 impl Default for ReadApiConfig {
@@ -148,7 +153,25 @@ impl Default for ReadApiConfig {
             ip_requests_per_minute: 600,
             statement_timeout_ms: 10_000,
             max_scan_span_secs: 7 * 86_400,
+            cursor_secret: Redacted::default(),
         }
+    }
+}
+
+impl ReadApiConfig {
+    /// `cursor_secret` decoded; `None` when it is not set.
+    fn cursor_secret_bytes(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        use base64::Engine as _;
+        if self.cursor_secret.0.is_empty() {
+            return Ok(None);
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.cursor_secret.0.trim_end_matches('='))
+            .context("read_api.cursor_secret: expected base64url")?;
+        if bytes.len() < 32 {
+            bail!("read_api.cursor_secret must be at least 32 bytes (base64url)");
+        }
+        Ok(Some(bytes))
     }
 }
 
@@ -387,12 +410,27 @@ impl Config {
             bail!("server.max_connections and server.max_concurrent_requests must be at least 1");
         }
         crate::sinks::influxdb::check_measurement(&self.influxdb.measurement)?;
+        self.read_api.cursor_secret_bytes()?;
         Ok(())
     }
 
     /// The sinks this configuration enables, by name.
     pub fn sink_names(&self) -> Vec<&'static str> {
         crate::sinks::enabled_names(self)
+    }
+
+    /// The key query cursors are signed with: from
+    /// `read_api.cursor_secret`, else derived from the first edge key.
+    pub fn cursor_key(&self) -> anyhow::Result<crate::read_api::CursorKey> {
+        let secret = match self.read_api.cursor_secret_bytes()? {
+            Some(bytes) => bytes,
+            None => self
+                .edge_keys
+                .first()
+                .map(|k| k.secret.expose().to_vec())
+                .unwrap_or_default(),
+        };
+        Ok(crate::read_api::CursorKey::derive(&secret))
     }
 
     /// The edge key ring.
@@ -616,6 +654,35 @@ mod tests {
         assert!(c.check().is_err());
         c.edge_keys = vec![edge_key("e", &[1; 32])];
         c.check().unwrap();
+    }
+
+    #[test]
+    fn a_cursor_secret_makes_cursors_independent_of_the_edge_keys() {
+        let secret = "Y3Vyc29yLXNlY3JldC1jdXJzb3Itc2VjcmV0LWN1cnNvcg";
+        let with = |first: &[u8]| Config {
+            edge_keys: vec![edge_key("e", first)],
+            read_api: ReadApiConfig {
+                cursor_secret: Redacted::from(secret),
+                ..ReadApiConfig::default()
+            },
+            ..Config::default()
+        };
+        let sealed = |c: &Config| c.cursor_key().unwrap().fingerprint();
+        assert_eq!(sealed(&with(&[1; 32])), sealed(&with(&[2; 32])));
+        let without = |first: &[u8]| Config {
+            edge_keys: vec![edge_key("e", first)],
+            ..Config::default()
+        };
+        assert_ne!(sealed(&without(&[1; 32])), sealed(&without(&[2; 32])));
+        let short = Config {
+            read_api: ReadApiConfig {
+                cursor_secret: Redacted::from("c2hvcnQ"),
+                ..ReadApiConfig::default()
+            },
+            ..with(&[1; 32])
+        };
+        assert!(short.check().is_err(), "a short cursor secret is refused");
+        with(&[1; 32]).check().unwrap();
     }
 
     #[test]

@@ -31,6 +31,13 @@ impl CursorKey {
         CursorKey(m.finalize().into_bytes().to_vec())
     }
 
+    /// A short digest of the key, to tell two keys apart without showing
+    /// either (tests, logs).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        hex::encode(&Sha256::digest(&self.0)[..8])
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes a key of any length")
     }
