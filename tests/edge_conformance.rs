@@ -815,3 +815,46 @@ async fn a_misconfigured_edge_names_the_missing_setting() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_edge_listing_several_aggregators_fails_over_keeping_the_batch_id() {
+    // Nothing listens on the first; the second is full (503); the third
+    // takes frames.
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        outpost_tests::aggregator::free_port()
+    );
+    let busy = StandIn::start(clients()).await;
+    busy.set_mode(Mode::Refuse);
+    let ok = StandIn::start(clients()).await;
+    let vars = edge_variables(&format!("{dead}, {}, {}", busy.url, ok.url));
+    let edge = Edge::start(Runtime::Wasmtime, &vars).await;
+    let send = || {
+        edge.client_from(TRUSTED.parse().unwrap())
+            .post(format!("{}/v1/batch?write_key=web", edge.url))
+            .header("origin", ORIGIN)
+            .header("content-type", "application/json")
+            .body(batch(3))
+            .send()
+    };
+    let resp = send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    let accepted = ok.take_frames();
+    let refused = busy.take_refused();
+    assert_eq!(accepted.len(), 1, "the third aggregator took the frame");
+    assert_eq!(refused.len(), 1, "the second was asked first, and refused");
+    assert_eq!(
+        refused[0].header.batch_id, accepted[0].header.batch_id,
+        "the same frame, so the same batch id"
+    );
+    // The client lookup failed over past the dead one to the next that
+    // answers (lookups are not refused by a full spool).
+    assert_eq!(busy.lookups("web"), 1);
+    assert_eq!(ok.lookups("web"), 0);
+    // When every one refuses, the client hears 503 with Retry-After.
+    ok.set_mode(Mode::Refuse);
+    let resp = send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(ok.take_refused().len(), 1);
+}

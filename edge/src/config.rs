@@ -21,7 +21,7 @@ pub const VARIABLES: &[(&str, Option<&str>, &str)] = &[
     (
         "aggregator_url",
         None,
-        "Base URL of the aggregator (`/v1/ingest`, `/internal/v1/clients/{id}`).",
+        "Base URL of the aggregator (`/v1/ingest`, `/internal/v1/clients/{id}`), or several, comma-separated, in order of preference: a call that gets no answer or `503` is made again to the next (the same frame, so the same batch id).",
     ),
     (
         "edge_id",
@@ -108,8 +108,9 @@ pub struct ConfigError {
 pub struct Settings {
     /// The pipeline's configuration.
     pub edge: EdgeConfig,
-    /// Aggregator base URL, without a trailing slash.
-    pub aggregator_url: String,
+    /// Aggregator base URLs, without a trailing slash, in order of
+    /// preference (at least one).
+    pub aggregator_urls: Vec<String>,
     /// Time limit for each call to the aggregator, milliseconds.
     pub upstream_timeout_ms: u64,
     /// Spin: key slots per use of the store (see [`crate::kv_slots`]).
@@ -181,26 +182,27 @@ impl Settings {
             })
         }
 
-        let aggregator_url = get("aggregator_url")?.trim_end_matches('/').to_owned();
-        if !(aggregator_url.starts_with("http://") || aggregator_url.starts_with("https://")) {
-            return Err(ConfigError {
-                name: "aggregator_url",
-                problem: format!("expected an http:// or https:// URL, got {aggregator_url:?}"),
-            });
-        }
         // Frames and client lookups cross this hop; in clear text only on
         // this machine, or where the operator says the network is private.
         let insecure_ok = flag("allow_insecure_http", &get("allow_insecure_http")?)?;
-        if aggregator_url.starts_with("http://")
-            && !insecure_ok
-            && !is_loopback_url(&aggregator_url)
-        {
-            return Err(ConfigError {
-                name: "aggregator_url",
-                problem: format!(
-                    "{aggregator_url:?} is plain http:// to another host: use https://, or set allow_insecure_http = true for a private network"
-                ),
-            });
+        let mut aggregator_urls = Vec::new();
+        for url in get("aggregator_url")?.split(',').map(str::trim) {
+            let url = url.trim_end_matches('/').to_owned();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError {
+                    name: "aggregator_url",
+                    problem: format!("expected http:// or https:// URLs, got {url:?}"),
+                });
+            }
+            if url.starts_with("http://") && !insecure_ok && !is_loopback_url(&url) {
+                return Err(ConfigError {
+                    name: "aggregator_url",
+                    problem: format!(
+                        "{url:?} is plain http:// to another host: use https://, or set allow_insecure_http = true for a private network"
+                    ),
+                });
+            }
+            aggregator_urls.push(url);
         }
         let key_id = get("edge_key_id")?;
         if key_id.len() > outpost_shared::frame::MAX_ID_BYTES {
@@ -271,7 +273,7 @@ impl Settings {
                 )?,
                 retry_after_secs: number("retry_after_secs", get("retry_after_secs")?)?,
             },
-            aggregator_url,
+            aggregator_urls,
             upstream_timeout_ms: number("upstream_timeout_ms", get("upstream_timeout_ms")?)?,
             kv_slots,
         })
@@ -301,7 +303,7 @@ mod tests {
     #[test]
     fn defaults_fill_everything_but_the_required_three() {
         let s = Settings::from_lookup(vars(MINIMAL)).unwrap();
-        assert_eq!(s.aggregator_url, "http://127.0.0.1:8080");
+        assert_eq!(s.aggregator_urls, ["http://127.0.0.1:8080"]);
         assert_eq!(s.edge.edge_id, "edge");
         assert_eq!(s.edge.edge_key.secret.expose(), b"edge-secret-edge-secret");
         assert_eq!(s.edge.limits, Limits::default());
@@ -387,6 +389,31 @@ mod tests {
                 with(remote, Some("true")).is_ok(),
                 "{remote} marked insecure"
             );
+        }
+    }
+
+    #[test]
+    fn several_aggregators_are_listed_in_order_and_each_is_checked() {
+        let with = |url: &str| {
+            let mut pairs: Vec<_> = MINIMAL
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != "aggregator_url")
+                .collect();
+            pairs.push(("aggregator_url", url));
+            Settings::from_lookup(vars(&pairs))
+        };
+        let s = with("https://a.example/, https://b.example:8443").unwrap();
+        assert_eq!(
+            s.aggregator_urls,
+            ["https://a.example", "https://b.example:8443"]
+        );
+        for bad in [
+            "https://a.example, http://10.0.0.5",
+            "https://a.example,",
+            "https://a.example, ftp://b",
+        ] {
+            assert_eq!(with(bad).unwrap_err().name, "aggregator_url", "{bad}");
         }
     }
 

@@ -121,9 +121,14 @@ pub enum UpstreamError {
 /// The aggregator as the pipeline sees it, over any [`Transport`]: which
 /// requests to make and what the answers mean live here, once, so every
 /// adapter forwards and looks up clients the same way.
+///
+/// With several URLs (a fleet without a load balancer in front), each call
+/// goes to the first; one that gets no answer or `503` is made again to
+/// the next, and so on. A frame is sent again as the same bytes — the same
+/// batch id — so an aggregator that did take it after all drops the repeat.
 pub struct Aggregator<'a, T> {
-    /// Base URL, without a trailing slash.
-    pub url: &'a str,
+    /// Base URLs, without a trailing slash, in order of preference.
+    pub urls: &'a [String],
     /// The pipeline's configuration (its edge key signs the lookups).
     pub cfg: &'a EdgeConfig,
     /// Milliseconds since the epoch, for signing lookups.
@@ -132,18 +137,40 @@ pub struct Aggregator<'a, T> {
     pub transport: T,
 }
 
+impl<T: Transport> Aggregator<'_, T> {
+    /// Sends the request `make` builds for each URL in turn until one
+    /// answers with anything but `503`; the last outcome otherwise.
+    async fn send_with_failover(
+        &self,
+        make: impl Fn(&str) -> OutboundRequest,
+    ) -> Result<(u16, Vec<u8>), TransportError> {
+        let mut last = Err(TransportError("no aggregator URL".into()));
+        for url in self.urls {
+            last = self.transport.send(make(url)).await;
+            match &last {
+                Ok((503, _)) | Err(_) => continue,
+                Ok(_) => break,
+            }
+        }
+        last
+    }
+}
+
 impl<T: Transport> Upstream for Aggregator<'_, T> {
     type Error = UpstreamError;
 
     async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, UpstreamError> {
-        let (status, body) = self.transport.send(ingest_request(self.url, frame)).await?;
+        let (status, body) = self
+            .send_with_failover(|url| ingest_request(url, frame.clone()))
+            .await?;
         Ok(ingest_answer(status, &body))
     }
 
     async fn client(&self, id: &str) -> Result<Option<ClientRecord>, UpstreamError> {
         let now_secs = self.now_ms / 1000;
-        let req = client_request(self.url, self.cfg, id, now_secs);
-        let (status, body) = self.transport.send(req).await?;
+        let (status, body) = self
+            .send_with_failover(|url| client_request(url, self.cfg, id, now_secs))
+            .await?;
         client_answer(status, &body, &self.cfg.record_key, id, now_secs)
     }
 }

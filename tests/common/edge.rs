@@ -36,6 +36,8 @@ pub enum Mode {
 #[derive(Default)]
 struct Seen {
     frames: Vec<Frame>,
+    /// Frames answered `503` in [`Mode::Refuse`].
+    refused: Vec<Frame>,
     lookups: HashMap<String, usize>,
     bad_lookup_signatures: usize,
 }
@@ -76,6 +78,11 @@ impl StandIn {
         std::mem::take(&mut self.seen.lock().unwrap().frames)
     }
 
+    /// Frames refused (`503`) so far, removed.
+    pub fn take_refused(&self) -> Vec<Frame> {
+        std::mem::take(&mut self.seen.lock().unwrap().refused)
+    }
+
     /// How often the edge asked for a client.
     pub fn lookups(&self, id: &str) -> usize {
         self.seen
@@ -103,15 +110,20 @@ fn envelope(status: StatusCode, code: ErrorCode) -> Response {
 }
 
 async fn ingest(State(me): State<Arc<StandIn>>, body: Bytes) -> Response {
-    let mode = *me.mode.lock().unwrap();
-    match mode {
-        Mode::Refuse => return envelope(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded),
-        Mode::Stall => tokio::time::sleep(Duration::from_secs(30)).await,
-        Mode::Accept => {}
-    }
     let ring = KeyRing {
         keys: vec![edge_key()],
     };
+    let mode = *me.mode.lock().unwrap();
+    match mode {
+        Mode::Refuse => {
+            if let Ok(f) = frame::decode(&body, &ring, &FrameLimits::default()) {
+                me.seen.lock().unwrap().refused.push(f);
+            }
+            return envelope(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded);
+        }
+        Mode::Stall => tokio::time::sleep(Duration::from_secs(30)).await,
+        Mode::Accept => {}
+    }
     match frame::decode(&body, &ring, &FrameLimits::default()) {
         Ok(f) => {
             let n = f.batch.events.len();

@@ -72,7 +72,7 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     edge_req.body = read_bounded(&mut req, settings.edge.max_wire_bytes() + 1).await;
 
     let upstream = Aggregator {
-        url: &settings.aggregator_url,
+        urls: &settings.aggregator_urls,
         cfg: &settings.edge,
         now_ms: env_.now_ms(),
         transport: WorkerFetch {

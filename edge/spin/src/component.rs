@@ -81,7 +81,7 @@ async fn handle(req: Request) -> http::Response<Full<bytes::Bytes>> {
         }
     };
     let upstream = Aggregator {
-        url: &settings.aggregator_url,
+        urls: &settings.aggregator_urls,
         cfg: &settings.edge,
         now_ms: env.now_ms(),
         transport: SpinHttp {
