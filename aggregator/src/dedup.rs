@@ -186,8 +186,6 @@ impl Dedup {
         metrics: &Metrics,
     ) -> Vec<bool> {
         let client_id = client_id.as_str();
-        let event_ids: Vec<&str> = event_ids.iter().map(|e| e.as_str()).collect();
-        let event_ids = event_ids.as_slice();
         let result = match self {
             Dedup::Off => return vec![true; event_ids.len()],
             Dedup::Memory(m, s) => Ok(m.claim(s, client_id, event_ids, batch, now_ms)),
@@ -223,8 +221,6 @@ impl Dedup {
     /// Redis down leaves the claims to expire with the window.
     pub async fn release(&self, client_id: &ClientId, event_ids: &[&EventId], batch: &BatchId) {
         let client_id = client_id.as_str();
-        let event_ids: Vec<&str> = event_ids.iter().map(|e| e.as_str()).collect();
-        let event_ids = event_ids.as_slice();
         if event_ids.is_empty() {
             return;
         }
@@ -271,7 +267,7 @@ async fn redis_claim<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     s: &DedupSettings,
     client_id: &str,
-    event_ids: &[&str],
+    event_ids: &[impl AsRef<str>],
     batch: &BatchId,
 ) -> Result<Vec<bool>, ClaimError> {
     if event_ids.is_empty() {
@@ -281,7 +277,7 @@ async fn redis_claim<C: redis::aio::ConnectionLike>(
     let mut pipe = redis::pipe();
     for id in event_ids {
         pipe.cmd("SET")
-            .arg(claim_key(s, client_id, id))
+            .arg(claim_key(s, client_id, id.as_ref()))
             .arg(&mine)
             .arg("NX")
             .arg("GET")
@@ -306,7 +302,7 @@ async fn redis_release<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     s: &DedupSettings,
     client_id: &str,
-    event_ids: &[&str],
+    event_ids: &[impl AsRef<str>],
     batch: &BatchId,
 ) -> Result<(), ClaimError> {
     let mine = batch.to_string();
@@ -315,7 +311,7 @@ async fn redis_release<C: redis::aio::ConnectionLike>(
         pipe.cmd("EVAL")
             .arg(RELEASE_SCRIPT)
             .arg(1)
-            .arg(claim_key(s, client_id, id))
+            .arg(claim_key(s, client_id, id.as_ref()))
             .arg(&mine)
             .ignore();
     }
@@ -326,10 +322,16 @@ async fn redis_release<C: redis::aio::ConnectionLike>(
 }
 
 impl MemoryDedup {
-    fn release(&self, s: &DedupSettings, client_id: &str, event_ids: &[&str], batch: &BatchId) {
+    fn release(
+        &self,
+        s: &DedupSettings,
+        client_id: &str,
+        event_ids: &[impl AsRef<str>],
+        batch: &BatchId,
+    ) {
         let mut claims = self.lock();
         for id in event_ids {
-            let key = claim_key(s, client_id, id);
+            let key = claim_key(s, client_id, id.as_ref());
             if claims
                 .peek(&key)
                 .is_some_and(|(owner, _)| owner == &batch.0)
@@ -343,7 +345,7 @@ impl MemoryDedup {
         &self,
         s: &DedupSettings,
         client_id: &str,
-        event_ids: &[&str],
+        event_ids: &[impl AsRef<str>],
         batch: &BatchId,
         now_ms: i64,
     ) -> Vec<bool> {
@@ -353,7 +355,7 @@ impl MemoryDedup {
         event_ids
             .iter()
             .map(|id| {
-                let key = claim_key(s, client_id, id);
+                let key = claim_key(s, client_id, id.as_ref());
                 match claims.get(&key) {
                     Some((owner, exp)) if *exp > now_ms => owner == &batch.0,
                     _ => {

@@ -139,14 +139,19 @@ pub struct Aggregator<'a, T> {
 
 impl<T: Transport> Aggregator<'_, T> {
     /// Sends the request `make` builds for each URL in turn until one
-    /// answers with anything but `503`; the last outcome otherwise.
+    /// answers with anything but `503`; the last outcome otherwise. `make`
+    /// is told when it builds the last attempt (it may then move what it
+    /// would otherwise copy).
     async fn send_with_failover(
         &self,
-        make: impl Fn(&str) -> OutboundRequest,
+        mut make: impl FnMut(&str, bool) -> OutboundRequest,
     ) -> Result<(u16, Vec<u8>), TransportError> {
         let mut last = Err(TransportError("no aggregator URL".into()));
-        for url in self.urls {
-            last = self.transport.send(make(url)).await;
+        for (i, url) in self.urls.iter().enumerate() {
+            last = self
+                .transport
+                .send(make(url, i + 1 == self.urls.len()))
+                .await;
             match &last {
                 Ok((503, _)) | Err(_) => continue,
                 Ok(_) => break,
@@ -160,8 +165,18 @@ impl<T: Transport> Upstream for Aggregator<'_, T> {
     type Error = UpstreamError;
 
     async fn forward(&self, frame: Vec<u8>) -> Result<UpstreamAnswer, UpstreamError> {
+        // One copy of the frame per attempt but the last, which takes it:
+        // with one aggregator URL (the usual case) the frame is never copied.
+        let mut frame = Some(frame);
         let (status, body) = self
-            .send_with_failover(|url| ingest_request(url, frame.clone()))
+            .send_with_failover(|url, last| {
+                let body = if last {
+                    frame.take().unwrap_or_default()
+                } else {
+                    frame.clone().unwrap_or_default()
+                };
+                ingest_request(url, body)
+            })
             .await?;
         Ok(ingest_answer(status, &body))
     }
@@ -169,7 +184,7 @@ impl<T: Transport> Upstream for Aggregator<'_, T> {
     async fn client(&self, id: &str) -> Result<Option<ClientRecord>, UpstreamError> {
         let now_secs = self.now_ms / 1000;
         let (status, body) = self
-            .send_with_failover(|url| client_request(url, self.cfg, id, now_secs))
+            .send_with_failover(|url, _| client_request(url, self.cfg, id, now_secs))
             .await?;
         client_answer(status, &body, &self.cfg.record_key, id, now_secs)
     }
