@@ -251,22 +251,15 @@ async fn rows_postgres_refuses_are_dead_lettered_and_the_rest_stored() {
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
     // Something PostgreSQL refuses for the data (SQLSTATE 23514), which
     // validation cannot know about: a constraint an operator added.
-    sqlx::query(
-        "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (name IS DISTINCT FROM 'poison')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.refuse_poison().await;
     let mut evs = events(300, 0..5);
     evs[2].name = Some("poison".into());
     let poison_id = evs[2].event_id.clone();
     agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
         .await;
     db.wait_rows("acme-web", 4, 15).await;
-    eventually(5, "1 dead letter", || async {
-        agg.metric("outpost_sink_dead_letters_total").await == 1.0
-    })
-    .await;
+    agg.wait_metric("outpost_sink_dead_letters_total", 1.0, 5)
+        .await;
     agg.wait_spool_empty(5).await;
     let mut conn = agg.spool().await;
     let (event_id, error, payload): (String, String, Vec<u8>) =

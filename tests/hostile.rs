@@ -255,19 +255,7 @@ async fn a_write_influxdb_refuses_is_narrowed_by_halves_not_row_by_row() {
     let influx = InfluxServer::influxdb_v1(free_port(), "outpost").await;
     // Another writer made `p_ms` a string field: the sink's number for it
     // is a field type conflict, which influxd refuses for the whole write.
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let seeded = reqwest::Client::new()
-        .post(format!("{}/write?db=outpost", influx.url))
-        .body(format!(
-            "outpost_events,client=other p_ms=\"slow\" {now_ns}"
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(seeded.status(), 204);
+    influx.make_p_ms_a_string("outpost").await;
     // Start with InfluxDB down for the sink (a wrong port), so the whole
     // backlog goes in as few, large writes once it is pointed right.
     let mut agg = aggregator(
@@ -324,12 +312,7 @@ async fn dead_letters_are_bounded_visible_and_can_be_replayed_or_purged() {
         ],
     )
     .await;
-    sqlx::query(
-        "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (name IS DISTINCT FROM 'poison')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.refuse_poison().await;
     let mut evs = events(600, 0..40);
     for e in evs.iter_mut().skip(10) {
         e.name = Some("poison".into());
@@ -405,15 +388,9 @@ async fn dead_letters_are_bounded_visible_and_can_be_replayed_or_purged() {
     evs[1].name = Some("poison".into());
     agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
         .await;
-    eventually(20, "one more dead letter", || async {
-        agg.metric("outpost_dead_letters").await == 1.0
-    })
-    .await;
+    agg.wait_metric("outpost_dead_letters", 1.0, 20).await;
     assert_eq!(cli(&["purge", "--yes"])["deleted"], 1);
-    eventually(5, "none left", || async {
-        agg.metric("outpost_dead_letters").await == 0.0
-    })
-    .await;
+    agg.wait_metric("outpost_dead_letters", 0.0, 5).await;
 }
 
 // 3. Arrays where the schema says object; depth; nothing accepted -------
@@ -552,12 +529,7 @@ async fn an_event_refused_at_ingest_or_dead_lettered_can_be_sent_again_with_its_
     db.wait_rows("acme-web", 2, 15).await;
 
     // (b) Dead-lettered by PostgreSQL: its claim is given back.
-    sqlx::query(
-        "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (name IS DISTINCT FROM 'poison')",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    db.refuse_poison().await;
     let mut evs = events(711, 0..2);
     evs[0].name = Some("poison".into());
     let poisoned_id = evs[0].event_id.clone();
@@ -1541,10 +1513,8 @@ async fn a_full_in_memory_dedup_still_remembers_the_newest_ids() {
     // The newest 500 again, from another batch: duplicates, all of them.
     agg.ingest_accepted(frame_for("acme-web", events(860, 1500..2000), batch_id()))
         .await;
-    eventually(20, "500 duplicates dropped", || async {
-        agg.metric("outpost_dedup_duplicates_total").await == 500.0
-    })
-    .await;
+    agg.wait_metric("outpost_dedup_duplicates_total", 500.0, 20)
+        .await;
     assert_eq!(db.count_events("acme-web").await, 2000);
 }
 

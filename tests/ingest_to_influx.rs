@@ -173,19 +173,7 @@ async fn points_influxdb_refuses_are_dead_lettered_and_the_rest_written() {
     // Another writer made `p_ms` a string field in this shard: the sink's
     // number for it is a field type conflict, which influxd answers with a
     // 400 for the whole write (a partial write).
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let seeded = reqwest::Client::new()
-        .post(format!("{}/write?db=outpost", influx.url))
-        .body(format!(
-            "outpost_events,client=other p_ms=\"slow\" {now_ns}"
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(seeded.status(), 204);
+    influx.make_p_ms_a_string("outpost").await;
     let agg = Aggregator::start(&config(
         &db,
         &redis,

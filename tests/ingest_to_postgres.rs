@@ -262,10 +262,8 @@ handoff_max_bytes = 0
             .ingest(frame_at(client, repeat.clone(), received_at))
             .await;
         assert_eq!(resp.status(), 202);
-        eventually(15, "the repeats dropped as duplicates", || async {
-            agg.metric("outpost_dedup_duplicates_total").await == 2.0
-        })
-        .await;
+        agg.wait_metric("outpost_dedup_duplicates_total", 2.0, 15)
+            .await;
     }
     // `metric` takes one labelled series as well as a name.
     const HANDOFF: &str = r#"outpost_delivery_batches_total{source="handoff"}"#;
@@ -313,10 +311,8 @@ async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
         .await;
     db.wait_rows("acme-web", 15, 15).await;
     // Redis, not only the unique key, dropped the five repeats.
-    eventually(5, "dedup counted 5", || async {
-        agg.metric("outpost_dedup_duplicates_total").await == 5.0
-    })
-    .await;
+    agg.wait_metric("outpost_dedup_duplicates_total", 5.0, 5)
+        .await;
     // The same ids from another client are that client's own events.
     agg.ingest_accepted(frame_for("other-app", events(7, 0..3), batch_id()))
         .await;
@@ -349,10 +345,8 @@ async fn a_replayed_batch_whose_ids_it_already_claimed_is_not_lost() {
     // A different batch with those ids is a duplicate.
     agg.ingest_accepted(frame_for("acme-web", events(9, 0..4), batch_id()))
         .await;
-    eventually(5, "4 duplicates", || async {
-        agg.metric("outpost_dedup_duplicates_total").await == 4.0
-    })
-    .await;
+    agg.wait_metric("outpost_dedup_duplicates_total", 4.0, 5)
+        .await;
     assert_eq!(db.count_events("acme-web").await, 4);
 }
 

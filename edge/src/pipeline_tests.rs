@@ -201,6 +201,11 @@ fn header<'a>(resp: &'a EdgeResponse, name: &str) -> Option<&'a str> {
 
 const BROWSER: (&str, &str) = ("origin", "https://shop.example");
 
+/// `POST /v1/batch?write_key=web` from the browser origin with `events`.
+fn browser_batch(events: &[Value]) -> EdgeRequest {
+    post("/v1/batch?write_key=web", &[BROWSER], body(events))
+}
+
 #[test]
 fn a_browser_batch_with_a_write_key_is_forwarded_and_acknowledged() {
     let run = Run::new();
@@ -349,7 +354,7 @@ fn refusals_table() {
             "blocked ip",
             EdgeRequest {
                 peer_ip: "198.51.100.4".parse().unwrap(),
-                ..post("/v1/batch?write_key=web", &[BROWSER], body(&[event(1)]))
+                ..browser_batch(&[event(1)])
             },
             403,
             40303,
@@ -523,15 +528,7 @@ fn unknown_clients_are_cached_so_a_flood_costs_one_lookup() {
         );
     }
     for _ in 0..3 {
-        assert_eq!(
-            run.send(post(
-                "/v1/batch?write_key=web",
-                &[BROWSER],
-                body(&[event(1)])
-            ))
-            .0,
-            202
-        );
+        assert_eq!(run.send(browser_batch(&[event(1)])).0, 202);
     }
     assert_eq!(run.up.lookups.get(), 2, "one lookup per id, then KV");
 }
@@ -548,7 +545,7 @@ fn partial_acceptance_maps_every_error_to_the_clients_own_positions() {
         event(3),
         event(4),
     ];
-    let (status, json, _) = run.send(post("/v1/batch?write_key=web", &[BROWSER], body(&events)));
+    let (status, json, _) = run.send(browser_batch(&events));
     assert_eq!(status, 202, "{json}");
     assert_eq!(
         (json["accepted"].as_u64(), json["rejected"].as_u64()),
@@ -597,11 +594,7 @@ fn rate_limits_answer_429_with_their_headers() {
 fn the_aggregator_down_means_503_and_nothing_acknowledged() {
     let run = Run::new();
     run.up.down.set(true);
-    let (status, json, resp) = run.send(post(
-        "/v1/batch?write_key=web",
-        &[BROWSER],
-        body(&[event(1)]),
-    ));
+    let (status, json, resp) = run.send(browser_batch(&[event(1)]));
     assert_eq!((status, json["code"].as_u64()), (503, Some(50301)));
     assert_eq!(header(&resp, "retry-after"), Some("7"));
 }
@@ -765,7 +758,7 @@ fn a_flood_from_one_address_stops_before_the_body_is_read_or_a_client_looked_up(
     // Another address is not affected, and no lookup was made for any of it.
     let other = EdgeRequest {
         peer_ip: "203.0.113.10".parse().unwrap(),
-        ..post("/v1/batch?write_key=web", &[BROWSER], body(&[event(1)]))
+        ..browser_batch(&[event(1)])
     };
     assert_eq!(run.send(other).0, 202);
     assert_eq!(run.up.lookups.get(), 1);
@@ -780,7 +773,7 @@ fn ipv6_addresses_share_a_per_address_budget_by_slash_64() {
     });
     let from = |ip: &str| EdgeRequest {
         peer_ip: ip.parse().unwrap(),
-        ..post("/v1/batch?write_key=web", &[BROWSER], body(&[event(1)]))
+        ..browser_batch(&[event(1)])
     };
     assert_eq!(run.send(from("2001:db8:1:2::1")).0, 202);
     assert_eq!(run.send(from("2001:db8:1:2::ffff")).0, 202);
@@ -797,15 +790,7 @@ fn made_up_keys_cost_at_most_the_lookup_budget() {
         period_secs: 60,
     });
     // A client seen before the flood is cached and keeps being served.
-    assert_eq!(
-        run.send(post(
-            "/v1/batch?write_key=web",
-            &[BROWSER],
-            body(&[event(1)])
-        ))
-        .0,
-        202
-    );
+    assert_eq!(run.send(browser_batch(&[event(1)])).0, 202);
     let mut refused_overloaded = 0;
     for i in 0..200 {
         let (status, json, resp) = run.send(post(
@@ -829,12 +814,7 @@ fn made_up_keys_cost_at_most_the_lookup_budget() {
     );
     assert_eq!(refused_overloaded, 200 - 9);
     assert_eq!(
-        run.send(post(
-            "/v1/batch?write_key=web",
-            &[BROWSER],
-            body(&[event(2)])
-        ))
-        .0,
+        run.send(browser_batch(&[event(2)])).0,
         202,
         "cached clients are not affected"
     );
@@ -857,15 +837,7 @@ fn cached_records_are_sealed_in_kv() {
     // Moved to another key, it does not open: the client is looked up again.
     block_on(run.kv.put("client:web", &cached, 60)).unwrap();
     let lookups = run.up.lookups.get();
-    assert_eq!(
-        run.send(post(
-            "/v1/batch?write_key=web",
-            &[BROWSER],
-            body(&[event(1)])
-        ))
-        .0,
-        202
-    );
+    assert_eq!(run.send(browser_batch(&[event(1)])).0, 202);
     assert_eq!(run.up.lookups.get(), lookups + 1);
 }
 
@@ -940,11 +912,7 @@ impl EdgeEnv for ShiftedEnv {
 #[test]
 fn cors_headers_only_for_origins_the_client_allows() {
     let run = Run::new();
-    let allowed = run.send(post(
-        "/v1/batch?write_key=web",
-        &[BROWSER],
-        body(&[event(1)]),
-    ));
+    let allowed = run.send(browser_batch(&[event(1)]));
     assert_eq!(
         header(&allowed.2, "access-control-allow-origin"),
         Some("https://shop.example")
@@ -1015,7 +983,7 @@ fn a_batch_with_no_accepted_event_is_a_400_listing_each() {
         json!({"event_id": "bad", "name": "x"}),
         json!({"event_id": "0192f0c1-7b3a-7cc2-9a57-000000000001"}),
     ];
-    let (status, json, _) = run.send(post("/v1/batch?write_key=web", &[BROWSER], body(&events)));
+    let (status, json, _) = run.send(browser_batch(&events));
     assert_eq!(
         (status, json["code"].as_u64()),
         (400, Some(40018)),
@@ -1032,11 +1000,7 @@ fn a_batch_with_no_accepted_event_is_a_400_listing_each() {
     assert!(run.up.frames.borrow().is_empty());
     // The same when the aggregator's rules refuse every event.
     run.up.reject_all.set(true);
-    let (status, json, _) = run.send(post(
-        "/v1/batch?write_key=web",
-        &[BROWSER],
-        body(&[event(1), event(2)]),
-    ));
+    let (status, json, _) = run.send(browser_batch(&[event(1), event(2)]));
     assert_eq!(
         (status, json["code"].as_u64()),
         (400, Some(40018)),
@@ -1099,15 +1063,7 @@ fn a_known_client_whose_entry_went_stale_is_fetched_outside_the_drained_budget()
         limit: 3,
         period_secs: 3600,
     });
-    assert_eq!(
-        run.send(post(
-            "/v1/batch?write_key=web",
-            &[BROWSER],
-            body(&[event(1)])
-        ))
-        .0,
-        202
-    );
+    assert_eq!(run.send(browser_batch(&[event(1)])).0, 202);
     // A flood of made-up keys drains the budget.
     for i in 0..10 {
         run.send(post(
@@ -1120,7 +1076,7 @@ fn a_known_client_whose_entry_went_stale_is_fetched_outside_the_drained_budget()
     let later = ShiftedEnv(NOW + 120_000);
     run.kv.set_now_ms(NOW + 120_000);
     let resp = block_on(handle(
-        post("/v1/batch?write_key=web", &[BROWSER], body(&[event(2)])),
+        browser_batch(&[event(2)]),
         &run.cfg,
         &run.kv,
         &run.up,
@@ -1145,22 +1101,14 @@ fn a_known_client_whose_entry_went_stale_is_fetched_outside_the_drained_budget()
 #[test]
 fn a_client_deleted_since_it_was_cached_is_looked_up_once_per_ttl_not_per_request() {
     let run = Run::new();
-    assert_eq!(
-        run.send(post(
-            "/v1/batch?write_key=web",
-            &[BROWSER],
-            body(&[event(1)])
-        ))
-        .0,
-        202
-    );
+    assert_eq!(run.send(browser_batch(&[event(1)])).0, 202);
     run.up.clients.borrow_mut().remove("web");
     let later = ShiftedEnv(NOW + 120_000);
     run.kv.set_now_ms(NOW + 120_000);
     let lookups = run.up.lookups.get();
     for i in 0..20 {
         let resp = block_on(handle(
-            post("/v1/batch?write_key=web", &[BROWSER], body(&[event(i)])),
+            browser_batch(&[event(i)]),
             &run.cfg,
             &run.kv,
             &run.up,

@@ -100,6 +100,25 @@ impl InfluxServer {
         s
     }
 
+    /// Writes `p_ms` as a string field into database `db` (another
+    /// writer's point): the sink's number for it is then a field type
+    /// conflict, which influxd refuses for the whole write.
+    pub async fn make_p_ms_a_string(&self, db: &str) {
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let seeded = reqwest::Client::new()
+            .post(format!("{}/write?db={db}", self.url))
+            .body(format!(
+                "outpost_events,client=other p_ms=\"slow\" {now_ns}"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(seeded.status(), 204);
+    }
+
     /// VictoriaMetrics on `port`.
     pub async fn victoria_metrics(port: u16) -> InfluxServer {
         crate::require_tool("victoria-metrics");

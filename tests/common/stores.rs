@@ -98,6 +98,17 @@ impl TestDb {
             .unwrap_or(0)
     }
 
+    /// Makes PostgreSQL refuse events named `poison` (SQLSTATE 23514): a
+    /// constraint an operator added, which validation cannot know about.
+    pub async fn refuse_poison(&self) {
+        sqlx::query(
+            "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (name IS DISTINCT FROM 'poison')",
+        )
+        .execute(&self.pool)
+        .await
+        .expect("add the no_poison constraint");
+    }
+
     /// Waits up to `secs` until `client_id` has exactly `rows` events stored.
     pub async fn wait_rows(&self, client_id: &str, rows: i64, secs: u64) {
         crate::aggregator::eventually(secs, &format!("{rows} rows of {client_id}"), || async {

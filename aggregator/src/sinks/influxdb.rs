@@ -416,9 +416,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn points_carry_low_cardinality_tags_and_numeric_fields_only() {
-        let batch = typical_batch(10);
+    /// The v2 line protocol of `batch`'s events, as client `acme-web`.
+    fn v2_lines(batch: &outpost_shared::frame::Batch) -> String {
         let id = outpost_shared::frame::BatchId([1; 16]);
         let client = outpost_shared::ClientId::from("acme-web");
         let rows: Vec<Row<'_>> = batch
@@ -433,7 +432,13 @@ mod tests {
                 geo: None,
             })
             .collect();
-        let text = String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap();
+        String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap()
+    }
+
+    #[test]
+    fn points_carry_low_cardinality_tags_and_numeric_fields_only() {
+        let batch = typical_batch(10);
+        let text = v2_lines(&batch);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 10);
         assert!(
@@ -491,21 +496,7 @@ mod tests {
             e.context.platform = Some("web\\".into());
             e.context.app_version = Some("1.0\r\n2".into());
         }
-        let id = outpost_shared::frame::BatchId([1; 16]);
-        let client = outpost_shared::ClientId::from("acme-web");
-        let rows: Vec<Row<'_>> = batch
-            .events
-            .iter()
-            .map(|event| Row {
-                client_id: &client,
-                batch_id: &id,
-                edge_id: "e",
-                facts: &batch.facts,
-                event,
-                geo: None,
-            })
-            .collect();
-        let text = String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap();
+        let text = v2_lines(&batch);
         assert_eq!(text.lines().count(), 3, "{text}");
         let parsed: Vec<_> = influxdb_line_protocol::parse_lines(&text)
             .collect::<Result<_, _>>()
