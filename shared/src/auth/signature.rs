@@ -306,6 +306,17 @@ mod tests {
                 Err(ErrorCode::TimestampOutsideWindow),
             ),
             (
+                // Found by the fuzzer: near i64::MIN, `ts - now` overflows.
+                "timestamp near i64::MIN",
+                req(&good, "-9223372036854775800", Some("n-1"), body),
+                Err(ErrorCode::TimestampOutsideWindow),
+            ),
+            (
+                "timestamp too long to be seconds",
+                req(&good, "9223372036854775800", Some("n-1"), body),
+                Err(ErrorCode::TimestampOutsideWindow),
+            ),
+            (
                 "signed 301 s ago",
                 req(&old_sig, &old, Some("n-1"), body),
                 Err(ErrorCode::TimestampOutsideWindow),
