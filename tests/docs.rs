@@ -162,6 +162,21 @@ fn readme_example_config_loads() {
     );
 }
 
+#[test]
+fn readme_fleet_example_config_loads_as_a_jetstream_fleet() {
+    use outpost_aggregator::spool::Backend;
+    let example = fenced_block_after(&readme(), "example: fleet-config");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outpost.toml");
+    std::fs::write(&path, example).unwrap();
+    let config =
+        outpost_aggregator::config::Config::load(Some(&path)).expect("README fleet config");
+    assert_eq!(config.spool.backend, Backend::Jetstream);
+    assert_eq!(config.spool.jetstream.urls.len(), 3);
+    assert_eq!(config.spool.jetstream.replicas, 3);
+    assert!(!config.read_api.cursor_secret.0.is_empty());
+}
+
 fn edge_variable_table() -> String {
     let mut t = String::from("| variable | default | meaning |\n| --- | --- | --- |\n");
     for (name, default, meaning) in outpost_edge::config::VARIABLES {

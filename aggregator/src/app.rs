@@ -18,7 +18,7 @@ use crate::geoip::GeoIp;
 use crate::http::{AppState, router};
 use crate::limits::{BoundedKv, READ_LIMIT_ENTRIES};
 use crate::server::Listener;
-use crate::spool::{Spool, SpoolOptions};
+use crate::spool::{Backend, JetStreamSpool, Spool, SpoolOptions, SqliteSpool};
 use crate::telemetry::Metrics;
 
 /// Longest the sink workers may keep draining after a shutdown signal.
@@ -43,19 +43,31 @@ pub async fn serve_until(
     let sinks = crate::sinks::build(&config).await?;
     let probes: Vec<_> = sinks.iter().map(|s| s.probe.clone()).collect();
     let db = sinks.iter().find_map(|s| s.events_db.clone());
-    let spool = Spool::open(
-        &config.spool.path,
-        &SpoolOptions {
-            max_bytes: config.spool.max_bytes,
-            max_frames_per_commit: config.spool.max_frames_per_commit,
-            handoff_max_bytes: config.delivery.handoff_max_bytes,
-            dead_letters_max_bytes: config.spool.dead_letters_max_bytes,
-        },
-        crate::sinks::enabled_names(&config),
-        metrics.clone(),
-    )
-    .await
-    .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?;
+    let options = SpoolOptions {
+        max_bytes: config.spool.max_bytes,
+        max_frames_per_commit: config.spool.max_frames_per_commit,
+        handoff_max_bytes: config.delivery.handoff_max_bytes,
+        dead_letters_max_bytes: config.spool.dead_letters_max_bytes,
+    };
+    let sink_names = crate::sinks::enabled_names(&config);
+    let spool = match config.spool.backend {
+        Backend::Sqlite => Spool::Sqlite(Arc::new(
+            SqliteSpool::open(&config.spool.path, &options, sink_names, metrics.clone())
+                .await
+                .with_context(|| format!("opening the spool at {}", config.spool.path.display()))?,
+        )),
+        Backend::Jetstream => Spool::JetStream(
+            JetStreamSpool::open(
+                &config.spool.jetstream,
+                &options,
+                sink_names,
+                config.server.frame.max_frame_bytes,
+                metrics.clone(),
+            )
+            .await
+            .context("opening the JetStream spool")?,
+        ),
+    };
     let dedup = Arc::new(Dedup::connect(&config.dedup).await.context("dedup")?);
 
     let geoip = Arc::new(GeoIp::open(&config.geoip, metrics.clone()));
@@ -67,6 +79,7 @@ pub async fn serve_until(
         );
     }
 
+    let spool_handle = spool.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(DeliveryContext {
         spool: spool.clone(),
@@ -133,6 +146,7 @@ pub async fn serve_until(
     crate::server::serve(listener, app, metrics, shutdown).await?;
 
     tracing::info!("no longer accepting; draining sink workers");
+    spool_handle.begin_drain();
     let _ = stop_tx.send(true);
     let drain = async {
         for w in workers {
@@ -142,6 +156,7 @@ pub async fn serve_until(
     if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
         tracing::warn!("sink workers did not drain in time; the rest stays in the spool");
     }
+    spool_handle.release_held().await;
     tracing::info!("stopped");
     Ok(())
 }

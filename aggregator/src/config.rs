@@ -179,6 +179,10 @@ impl ReadApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpoolConfig {
+    /// Where acknowledged batches wait for the sinks: `sqlite` (a file on
+    /// this node, `path`) or `jetstream` (a NATS JetStream stream a fleet
+    /// shares, `[spool.jetstream]`).
+    pub backend: crate::spool::Backend,
     /// SQLite file holding acknowledged batches until every sink has them.
     pub path: PathBuf,
     /// Size bound: above it, ingest answers `503` + `Retry-After`.
@@ -188,15 +192,19 @@ pub struct SpoolConfig {
     /// Size bound of the dead letters kept (their payloads); past it the
     /// oldest are dropped.
     pub dead_letters_max_bytes: u64,
+    /// The JetStream stream, when `backend = "jetstream"`.
+    pub jetstream: crate::spool::JetStreamConfig,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
+            backend: crate::spool::Backend::Sqlite,
             path: PathBuf::from("data/spool.db"),
             max_bytes: 1 << 30,
             max_frames_per_commit: 256,
             dead_letters_max_bytes: 64 << 20,
+            jetstream: crate::spool::JetStreamConfig::default(),
         }
     }
 }
@@ -316,10 +324,14 @@ const SECTIONS: &[&str] = &[
 
 /// Tables inside a section, reached with one more name segment
 /// (`OUTPOST_SERVER_TLS_CERT_PATH`).
-const NESTED: &[(&str, &str)] = &[("server", "frame"), ("server", "tls")];
+const NESTED: &[(&str, &str)] = &[
+    ("server", "frame"),
+    ("server", "tls"),
+    ("spool", "jetstream"),
+];
 
 /// Keys whose value is a list (comma-separated in the environment).
-const LISTS: &[&str] = &["redis_urls", "trusted_proxies"];
+const LISTS: &[&str] = &["redis_urls", "trusted_proxies", "urls"];
 
 impl Config {
     /// Loads `path` (if given), applies the environment, checks the result.

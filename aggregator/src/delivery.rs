@@ -271,7 +271,7 @@ fn check(
 }
 
 /// The spool failing is not the data's fault: retried like an outage.
-fn spool_error(e: sqlx::Error) -> SinkError {
+fn spool_error(e: crate::spool::SpoolError) -> SinkError {
     SinkError::Unavailable(format!("spool: {e}"))
 }
 

@@ -142,6 +142,18 @@ impl Handoff {
         }
     }
 
+    /// Drops every batch below `seq` (a shared spool's sinks have them
+    /// all, on whichever node; this node would wait for ever otherwise).
+    pub fn forget_below(&self, seq: i64) {
+        let mut s = self.slots();
+        let gone: Vec<i64> = s.by_seq.keys().copied().filter(|k| *k < seq).collect();
+        for k in gone {
+            if let Some(slot) = s.by_seq.remove(&k) {
+                s.bytes -= slot.batch.bytes;
+            }
+        }
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> u64 {
         self.slots().bytes

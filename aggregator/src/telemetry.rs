@@ -73,6 +73,9 @@ pub struct Metrics {
     pub sink_dead_letters: Family<SinkLabel, Counter>,
     /// Age of the oldest batch a sink has yet to write, seconds.
     pub sink_lag_seconds: Family<SinkLabel, Gauge>,
+    /// Batches a sink has yet to write (JetStream: its consumer's pending
+    /// and unacknowledged messages, over the whole fleet).
+    pub sink_pending: Family<SinkLabel, Gauge>,
     /// Batches the sinks took, by where the decoded batch came from.
     pub delivery_batches: Family<SourceLabel, Counter>,
     /// Bytes (estimated) of decoded batches kept in memory for the sinks.
@@ -117,6 +120,7 @@ impl Metrics {
             sink_failures: Family::default(),
             sink_dead_letters: Family::default(),
             sink_lag_seconds: Family::default(),
+            sink_pending: Family::default(),
             delivery_batches: Family::default(),
             handoff_bytes: Gauge::default(),
             dedup_duplicates: Counter::default(),
@@ -189,6 +193,11 @@ impl Metrics {
             "Age of the oldest batch a sink has yet to write",
             prometheus_client::registry::Unit::Seconds,
             m.sink_lag_seconds.clone(),
+        );
+        r.register(
+            "sink_pending_batches",
+            "Batches a sink has yet to write (JetStream spool: its consumer's backlog, fleet-wide)",
+            m.sink_pending.clone(),
         );
         r.register(
             "delivery_batches",

@@ -100,6 +100,7 @@ pub mod dev;
 pub mod edge;
 pub mod geo;
 pub mod influx;
+pub mod nats;
 pub mod stores;
 
 /// A JWT signed with HMAC-SHA256 under `key`, whose header says `alg` and

@@ -377,6 +377,7 @@ pub enum DeadLettersCommand {
 /// `outpost spool …` (prints JSON).
 pub fn spool_main(config: Option<&std::path::Path>, command: SpoolCommand) -> anyhow::Result<()> {
     let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    sqlite_only(&config)?;
     let out = super::runtime()?.block_on(async {
         match command {
             SpoolCommand::Status => status(&config).await,
@@ -387,12 +388,29 @@ pub fn spool_main(config: Option<&std::path::Path>, command: SpoolCommand) -> an
     Ok(())
 }
 
+/// These commands read the SQLite spool; a JetStream spool's streams are
+/// inspected with NATS's own tools for now.
+fn sqlite_only(config: &Config) -> anyhow::Result<()> {
+    if config.spool.backend == spool::Backend::Jetstream {
+        let j = &config.spool.jetstream;
+        bail!(
+            "spool.backend is \"jetstream\": these commands read the SQLite spool only; \
+             see the stream with `nats stream info {}` and the dead letters with \
+             `nats stream view {}_DEAD`",
+            j.stream,
+            j.stream
+        );
+    }
+    Ok(())
+}
+
 /// `outpost dead-letters …` (prints JSON).
 pub fn dead_letters_main(
     config: Option<&std::path::Path>,
     command: DeadLettersCommand,
 ) -> anyhow::Result<()> {
     let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    sqlite_only(&config)?;
     let out = super::runtime()?.block_on(async {
         match command {
             DeadLettersCommand::List { selection, limit } => list(&config, &selection, limit).await,

@@ -63,7 +63,7 @@ pub(super) async fn ready(State(app): State<Arc<AppState>>) -> Response {
     // instance stays ready and reports itself "degraded".
     let mut checks = BTreeMap::new();
     let spool = app.spool.ping().await;
-    checks.insert("spool", status(spool));
+    checks.insert(app.spool.check_name(), status(spool));
     let mut degraded = false;
     for sink in &app.sinks {
         let up = sink.ping().await;
@@ -108,7 +108,7 @@ fn status(up: bool) -> &'static str {
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
 pub(super) async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     // The operator commands change the dead letters from outside.
-    let _ = app.spool.refresh_dead_letter_gauges().await;
+    app.spool.refresh_gauges().await;
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &app.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

@@ -1,5 +1,5 @@
-//! The durable spool: a batch is acknowledged only once it is in here, and
-//! it stays until every sink has it.
+//! The SQLite spool (the default, one node): a batch is acknowledged only
+//! once it is in here, and it stays until every sink has it.
 //!
 //! Storage is SQLite in WAL mode. Appends are committed with
 //! `synchronous=FULL`, so an acknowledged frame has been fsynced (see
@@ -32,119 +32,10 @@ use sqlx::sqlite::{
 use sqlx::{Connection as _, Row as _, SqliteConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::handoff::{Checked, Handoff};
+use crate::handoff::Handoff;
 use crate::telemetry::Metrics;
 
-/// One acknowledged frame, as stored.
-#[derive(Debug, Clone)]
-pub struct SpoolEntry {
-    /// The frame's batch id.
-    pub batch_id: [u8; 16],
-    /// The client the events belong to.
-    pub client_id: String,
-    /// 1 when any event is high priority.
-    pub priority: i64,
-    /// Events in the frame.
-    pub event_count: i64,
-    /// The verified frame, exactly as received.
-    pub frame: Vec<u8>,
-    /// When the aggregator accepted it.
-    pub received_at_ms: i64,
-    /// Per event: whether ingest accepted it (the verdict delivery keeps,
-    /// whatever the limits are by then).
-    pub valid: Vec<bool>,
-    /// What ingest decoded of it, for the hand-off.
-    pub checked: Option<Arc<Checked>>,
-}
-
-/// A batch a sink has yet to write.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    /// Spool sequence number.
-    pub seq: i64,
-    /// When the aggregator accepted it.
-    pub received_at_ms: i64,
-    /// The batch.
-    pub batch: Spooled,
-}
-
-/// How a sink gets a spooled batch.
-#[derive(Debug, Clone)]
-pub enum Spooled {
-    /// Decoded and validated at ingest, from the hand-off (the frame is
-    /// not even read from the file).
-    Checked(Arc<Checked>),
-    /// The frame as received, to decode, with ingest's verdict per event
-    /// (`None` for batches spooled before verdicts were kept).
-    Frame(Vec<u8>, Option<Vec<bool>>),
-}
-
-/// One dead letter: an event (or a whole frame) a sink could not write.
-#[derive(Debug)]
-pub struct DeadLetter<'a> {
-    /// The sink.
-    pub sink: &'a str,
-    /// The batch it came in.
-    pub batch_id: &'a [u8; 16],
-    /// Its client (empty when the frame no longer decodes).
-    pub client_id: &'a str,
-    /// The event, when it is one event.
-    pub event_id: Option<&'a str>,
-    /// Why.
-    pub error: &'a str,
-    /// The event as JSON, or the whole frame.
-    pub payload: &'a [u8],
-    /// What the edge knew about the request (JSON), for a replay.
-    pub facts: Option<String>,
-    /// The edge that forwarded it.
-    pub edge_id: Option<&'a str>,
-    /// When.
-    pub at_ms: i64,
-}
-
-/// A stored dead letter, as `outpost dead-letters` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StoredDeadLetter {
-    /// Its id in the table.
-    pub id: i64,
-    /// The sink that gave up on it.
-    pub sink: String,
-    /// The batch it came in.
-    pub batch_id: String,
-    /// The same, as bytes.
-    #[serde(skip)]
-    pub batch_bytes: [u8; 16],
-    /// Its client.
-    pub client_id: String,
-    /// The event, when it is one event (else the payload is a whole frame).
-    pub event_id: Option<String>,
-    /// Why.
-    pub error: String,
-    /// When, epoch milliseconds.
-    pub at_ms: i64,
-    /// Payload size, bytes.
-    pub bytes: i64,
-    /// The event as JSON, or the frame's bytes (only when asked for).
-    #[serde(skip)]
-    pub payload: Vec<u8>,
-    /// The edge's facts (JSON), when kept.
-    #[serde(skip)]
-    pub facts: Option<String>,
-    /// The edge id, when kept.
-    #[serde(skip)]
-    pub edge_id: Option<String>,
-}
-
-/// Why an append failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SpoolError {
-    /// Over `max_bytes`: shed load.
-    #[error("spool is full")]
-    Full,
-    /// The disk or SQLite failed; nothing was acknowledged.
-    #[error("spool write failed: {0}")]
-    Storage(String),
-}
+use super::{DeadLetter, Pending, SpoolEntry, SpoolError, SpoolOptions, Spooled, StoredDeadLetter};
 
 /// Bytes of the spool's bound held for one frame on its way in. Dropped,
 /// it gives them back — whoever holds it then: the ingest request (it gave
@@ -177,7 +68,7 @@ struct Append {
 
 /// Handle to the spool; clone freely.
 #[derive(Clone)]
-pub struct Spool {
+pub struct SqliteSpool {
     pool: SqlitePool,
     appends: mpsc::Sender<Append>,
     bytes: Arc<AtomicU64>,
@@ -186,19 +77,6 @@ pub struct Spool {
     appended: Arc<Notify>,
     handoff: Arc<Handoff>,
     metrics: Metrics,
-}
-
-/// How a spool is opened.
-#[derive(Debug, Clone)]
-pub struct SpoolOptions {
-    /// Size bound of the frames held (ingest answers `503` past it).
-    pub max_bytes: u64,
-    /// Most frames sharing one commit.
-    pub max_frames_per_commit: usize,
-    /// Memory for decoded batches kept for the sinks.
-    pub handoff_max_bytes: u64,
-    /// Size bound of the dead letters kept (oldest dropped past it).
-    pub dead_letters_max_bytes: u64,
 }
 
 const SCHEMA: &str = r#"
@@ -466,7 +344,7 @@ fn options(path: &Path) -> Result<SqliteConnectOptions, sqlx::Error> {
     )
 }
 
-impl Spool {
+impl SqliteSpool {
     /// Opens (or creates) the spool and starts its writer. `sinks` names
     /// every sink a new batch must reach; `handoff_max_bytes` bounds the
     /// decoded batches kept in memory for them.
@@ -475,7 +353,7 @@ impl Spool {
         opts_in: &SpoolOptions,
         sinks: Vec<&'static str>,
         metrics: Metrics,
-    ) -> anyhow::Result<Spool> {
+    ) -> anyhow::Result<SqliteSpool> {
         let SpoolOptions {
             max_bytes,
             max_frames_per_commit,
@@ -503,7 +381,7 @@ impl Spool {
 
         let writer = SqliteConnection::connect_with(&opts).await?;
         let (tx, rx) = mpsc::channel(max_frames_per_commit.max(1) * 4);
-        let spool = Spool {
+        let spool = SqliteSpool {
             pool,
             appends: tx,
             bytes: Arc::new(AtomicU64::new(bytes as u64)),
@@ -747,7 +625,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Append>,
     sinks: Vec<&'static str>,
     max_per_commit: usize,
-    spool: Spool,
+    spool: SqliteSpool,
 ) {
     let mut group = Vec::with_capacity(max_per_commit);
     while let Some(first) = rx.recv().await {
@@ -875,7 +753,7 @@ mod tests {
     async fn a_commit_that_fails_after_the_caller_gave_up_returns_the_reserved_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.db");
-        let spool = Spool::open(&path, &options_for_tests(), vec!["s"], metrics())
+        let spool = SqliteSpool::open(&path, &options_for_tests(), vec!["s"], metrics())
             .await
             .unwrap();
         // Another connection holds the write lock: the commit waits.
@@ -924,7 +802,7 @@ mod tests {
             max_bytes: 1500,
             ..options_for_tests()
         };
-        let spool = Spool::open(&dir.path().join("s.db"), &opts, vec!["s"], metrics())
+        let spool = SqliteSpool::open(&dir.path().join("s.db"), &opts, vec!["s"], metrics())
             .await
             .unwrap();
         spool.append(entry(1000)).await.unwrap();
@@ -942,7 +820,7 @@ mod tests {
             dead_letters_max_bytes: 2500,
             ..options_for_tests()
         };
-        let spool = Spool::open(&dir.path().join("s.db"), &opts, vec!["s"], metrics())
+        let spool = SqliteSpool::open(&dir.path().join("s.db"), &opts, vec!["s"], metrics())
             .await
             .unwrap();
         let payload = vec![b'x'; 1000];
@@ -979,7 +857,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         {
-            let spool = Spool::open(&path, &options_for_tests(), vec!["a", "b"], metrics())
+            let spool = SqliteSpool::open(&path, &options_for_tests(), vec!["a", "b"], metrics())
                 .await
                 .unwrap();
             spool.append(entry(10)).await.unwrap();
@@ -990,14 +868,14 @@ mod tests {
                 .unwrap();
         }
         // `a` has everything; `b` has a backlog of one batch.
-        let err = Spool::open(&path, &options_for_tests(), vec!["a"], metrics())
+        let err = SqliteSpool::open(&path, &options_for_tests(), vec!["a"], metrics())
             .await
             .err()
             .expect("refused");
         let missing = err.downcast_ref::<MissingSink>().expect("MissingSink");
         assert_eq!((missing.sink.as_str(), missing.backlog), ("b", 1));
         assert!(
-            Spool::open(&path, &options_for_tests(), vec!["b"], metrics())
+            SqliteSpool::open(&path, &options_for_tests(), vec!["b"], metrics())
                 .await
                 .is_ok(),
             "a sink with nothing left may go"
@@ -1012,7 +890,7 @@ mod tests {
             .unwrap();
         assert_eq!(left, 0);
         assert!(
-            Spool::open(&path, &options_for_tests(), vec!["a"], metrics())
+            SqliteSpool::open(&path, &options_for_tests(), vec!["a"], metrics())
                 .await
                 .is_ok()
         );

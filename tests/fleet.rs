@@ -1,0 +1,240 @@
+//! The JetStream spool (`spool.backend = "jetstream"`): several aggregators
+//! share one stream, so what one acknowledged is delivered whichever node
+//! dies, and a node needs no disk of its own. Real `nats-server`
+//! processes (each test its own), real `outpost serve` nodes, real
+//! PostgreSQL and Redis.
+
+use std::time::Duration;
+
+use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for};
+use outpost_tests::nats::{NatsServer, jetstream_env};
+use outpost_tests::stores::{
+    PrivatePostgres, TestDb, TestRedis, store_config, store_config_pg_down, unique,
+};
+use serde_json::Value;
+
+const CLIENT: &str = "acme-web";
+
+async fn start_node(config: &str, env: &[(String, String)]) -> Aggregator {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Aggregator::start_with_env(config, &env).await
+}
+
+/// The stream's last sequence number: one per batch it stored.
+async fn last_sequence(url: &str, stream: &str) -> u64 {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let info = js
+        .get_stream(stream)
+        .await
+        .expect("the stream exists")
+        .get_info()
+        .await
+        .expect("stream info");
+    info.state.last_sequence
+}
+
+/// Every stored event id of `CLIENT`, and how many rows there are.
+async fn stored(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM events WHERE client_id = $1")
+        .bind(CLIENT)
+        .fetch_one(pool)
+        .await
+        .unwrap_or((0, 0))
+}
+
+#[tokio::test]
+async fn the_jetstream_spool_stores_each_acknowledged_event_once_and_a_retried_frame_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(tmp.path());
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let stream = unique("OUTPOST").to_ascii_uppercase();
+    let node = start_node(
+        &store_config(&db.url, &redis),
+        &jetstream_env(&nats.url(), &stream, 30),
+    )
+    .await;
+
+    let ready: Value = reqwest::get(format!("{}/health/ready", node.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["jetstream"], "ok", "{ready}");
+
+    let first = frame_for(CLIENT, events(1, 0..10), batch_id());
+    node.ingest_accepted(first.clone()).await;
+    for tag in 2..=20 {
+        node.ingest_accepted(frame_for(CLIENT, events(tag, 0..10), batch_id()))
+            .await;
+    }
+    // The edge retries a frame it got no answer for: same bytes, same
+    // batch id. JetStream takes it for the duplicate it is.
+    node.ingest_accepted(first).await;
+    db.wait_rows(CLIENT, 200, 30).await;
+    assert_eq!(
+        last_sequence(&nats.url(), &stream).await,
+        20,
+        "the retried frame was stored a second time"
+    );
+    assert_eq!(stored(&db.pool).await, (200, 200));
+    node.wait_spool_empty(10).await;
+}
+
+#[tokio::test]
+async fn a_node_killed_holding_batches_has_them_delivered_by_the_survivor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(tmp.path());
+    let pg = PrivatePostgres::start();
+    let redis = TestRedis::new();
+    let stream = unique("OUTPOST").to_ascii_uppercase();
+    let env = jetstream_env(&nats.url(), &stream, 3);
+    let config = store_config(&pg.url(), &redis);
+    let mut a = start_node(&config, &env).await;
+    let b = start_node(&config, &env).await;
+
+    // The database goes away: both nodes keep acknowledging (the stream
+    // holds the batches), and both take batches to write and hold them.
+    pg.stop();
+    for tag in 0..30u32 {
+        let node = if tag % 2 == 0 { &a } else { &b };
+        node.ingest_accepted(frame_for(CLIENT, events(tag, 0..10), batch_id()))
+            .await;
+    }
+    eventually(20, "node A tried to write what it holds", || async {
+        a.metric("outpost_sink_failures_total").await >= 1.0
+    })
+    .await;
+    a.kill();
+    pg.start_again();
+
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    eventually(60, "every acknowledged event stored", || async {
+        stored(&pool).await.0 >= 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(stored(&pool).await, (300, 300), "each event exactly once");
+    // A wrote nothing (the database was down until it died): the survivor
+    // delivered everything, A's share included.
+    assert_eq!(
+        b.metric("outpost_sink_delivered_events_total").await,
+        300.0,
+        "{}",
+        b.log()
+    );
+}
+
+#[tokio::test]
+async fn a_node_started_without_any_disk_delivers_what_a_dead_node_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(tmp.path());
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let stream = unique("OUTPOST").to_ascii_uppercase();
+    let env = jetstream_env(&nats.url(), &stream, 3);
+    let (down, _) = store_config_pg_down(&redis);
+    let mut a = start_node(&down, &env).await;
+    for tag in 0..10u32 {
+        a.ingest_accepted(frame_for(CLIENT, events(tag, 0..10), batch_id()))
+            .await;
+    }
+    a.kill();
+    drop(a); // its directory (config, log) goes too
+
+    // A new node, new directory, working database.
+    let b = start_node(&store_config(&db.url, &redis), &env).await;
+    db.wait_rows(CLIENT, 100, 60).await;
+    assert_eq!(stored(&db.pool).await, (100, 100));
+    b.wait_spool_empty(10).await;
+}
+
+#[tokio::test]
+async fn a_full_stream_is_answered_503_with_retry_after_and_nats_down_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(tmp.path());
+    let redis = TestRedis::new();
+    let stream = unique("OUTPOST").to_ascii_uppercase();
+    let mut env = jetstream_env(&nats.url(), &stream, 30);
+    env.push(("OUTPOST_SPOOL_MAX_BYTES".into(), "40000".into()));
+    let (down, _) = store_config_pg_down(&redis);
+    let node = start_node(&down, &env).await;
+
+    let mut accepted = 0;
+    let full = loop {
+        let resp = node
+            .ingest(frame_for(CLIENT, events(accepted, 0..10), batch_id()))
+            .await;
+        if resp.status() != 202 {
+            break resp;
+        }
+        accepted += 1;
+        assert!(accepted < 1000, "the stream never filled");
+    };
+    assert!(accepted > 0, "nothing fit");
+    assert_eq!(full.status(), 503);
+    assert!(full.headers().contains_key("retry-after"));
+    let body: Value = full.json().await.unwrap();
+    assert_eq!(body["code"], 50302, "{body}");
+
+    // NATS itself goes away: ingest answers 503 at once (nothing is
+    // acknowledged that the stream did not take), readiness says so.
+    nats.kill();
+    let resp = node
+        .ingest(frame_for(CLIENT, events(9_999, 0..1), batch_id()))
+        .await;
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], 50303, "{body}");
+    let ready = reqwest::get(format!("{}/health/ready", node.url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["checks"]["jetstream"], "down", "{ready}");
+
+    // Back with its store: the node reconnects on its own.
+    nats.start_again();
+    eventually(30, "readiness after NATS came back", || async {
+        reqwest::get(format!("{}/health/ready", node.url))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_rows_go_to_the_dead_letter_stream_and_the_rest_is_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(tmp.path());
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let stream = unique("OUTPOST").to_ascii_uppercase();
+    let node = start_node(
+        &store_config(&db.url, &redis),
+        &jetstream_env(&nats.url(), &stream, 30),
+    )
+    .await;
+    // Migrations ran at start; now the operator's constraint.
+    db.refuse_poison().await;
+    let mut batch = events(7, 0..5);
+    batch[2].name = Some("poison".into());
+    node.ingest_accepted(frame_for(CLIENT, batch, batch_id()))
+        .await;
+    db.wait_rows(CLIENT, 4, 30).await;
+    node.wait_metric("outpost_dead_letters", 1.0, 10).await;
+    let ready: Value = reqwest::get(format!("{}/health/ready", node.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["dead_letters"]["count"], 1, "{ready}");
+    node.wait_spool_empty(10).await;
+}
