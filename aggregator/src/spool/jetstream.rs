@@ -527,21 +527,36 @@ impl JetStreamSpool {
     }
 }
 
-/// Up to `n` messages the consumer has now (no waiting).
+/// Longest a fetch may take. A pull request sent while the connection was
+/// being re-established gets no answer at all, and a fetch waiting for that
+/// answer would hold its worker for ever.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Up to `n` messages the consumer has now (no waiting for more), within
+/// [`FETCH_TIMEOUT`]: what arrived by then is kept.
 async fn fetch(consumer: &PullConsumer, n: usize) -> Result<Vec<jetstream::Message>, SpoolError> {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(n)
-        .messages()
-        .await
-        .map_err(|e| storage("fetching from JetStream", e))?;
+    let deadline = tokio::time::Instant::now() + FETCH_TIMEOUT;
+    let request = consumer.fetch().max_messages(n).messages();
+    let mut batch = match tokio::time::timeout_at(deadline, request).await {
+        Ok(b) => b.map_err(|e| storage("fetching from JetStream", e))?,
+        Err(_) => return Err(storage("fetching from JetStream", "no answer")),
+    };
     let mut out = Vec::with_capacity(n);
-    while let Some(m) = batch.next().await {
-        match m {
-            Ok(m) => out.push(m),
-            Err(e) if out.is_empty() => return Err(storage("fetching from JetStream", e)),
-            Err(_) => break,
+    loop {
+        let failure = match tokio::time::timeout_at(deadline, batch.next()).await {
+            Ok(Some(Ok(m))) => {
+                out.push(m);
+                continue;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => e.to_string(),
+            Err(_) => "no answer".to_owned(),
+        };
+        if out.is_empty() {
+            return Err(storage("fetching from JetStream", failure));
         }
+        // Some arrived: keep them; the rest stays with JetStream.
+        break;
     }
     Ok(out)
 }
