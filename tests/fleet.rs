@@ -350,6 +350,7 @@ async fn a_nats_cluster_and_two_nodes_lose_nothing_to_kill_9_and_a_database_outa
 
     // PostgreSQL goes away; meanwhile node A dies holding batches.
     pg.stop();
+    let outage = std::time::Instant::now();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while a.metric("outpost_sink_failures_total").await < 1.0 {
         if std::time::Instant::now() > deadline {
@@ -366,7 +367,8 @@ async fn a_nats_cluster_and_two_nodes_lose_nothing_to_kill_9_and_a_database_outa
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     a.kill();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Thirty seconds without the database in all.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
     pg.start_again();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);
@@ -405,4 +407,50 @@ async fn a_nats_cluster_and_two_nodes_lose_nothing_to_kill_9_and_a_database_outa
     // Nothing stored that was not acknowledged either (an unanswered
     // frame the edge retried is acknowledged on its retry).
     assert_eq!(rows.len(), acked.len());
+}
+
+#[tokio::test]
+async fn a_node_shut_down_hands_back_what_it_holds_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(tmp.path());
+    let pg = PrivatePostgres::start();
+    let redis = TestRedis::new();
+    let stream = unique("OUTPOST").to_ascii_uppercase();
+    // A minute before JetStream would hand A's batches to B on its own.
+    let env = jetstream_env(&nats.url(), &stream, 60);
+    let config = store_config(&pg.url(), &redis);
+    let mut a = start_node(&config, &env).await;
+    pg.stop();
+    for tag in 0..10u32 {
+        a.ingest_accepted(frame_for(CLIENT, events(tag, 0..10), batch_id()))
+            .await;
+    }
+    eventually(20, "node A tried to write what it holds", || async {
+        a.metric("outpost_sink_failures_total").await >= 1.0
+    })
+    .await;
+    // B starts with the database still down (migrations are A's job).
+    let b_config = config.replace("[postgres]\n", "[postgres]\nmigrate_on_start = false\n");
+    let b = start_node(&b_config, &env).await;
+    let status = a.terminate();
+    assert!(status.success(), "{status}");
+    assert!(
+        a.log()
+            .contains("handed unfinished batches back to JetStream"),
+        "{}",
+        a.log()
+    );
+    pg.start_again();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    // Well inside the minute: B had them at once.
+    eventually(30, "B stored what A handed back", || async {
+        stored(&pool).await.0 >= 100
+    })
+    .await;
+    assert_eq!(stored(&pool).await, (100, 100));
+    assert_eq!(b.metric("outpost_sink_delivered_events_total").await, 100.0);
 }
