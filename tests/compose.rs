@@ -132,14 +132,15 @@ fn compose_names_every_service_and_only_real_settings() {
             "{k} is not a documented setting"
         );
     }
-    let mut vars: Vec<(String, String)> = outpost_env.clone().into_iter().collect();
     // .env.example holds placeholders; the shape of a real key is checked.
-    let key = "A".repeat(43);
-    for (k, v) in &mut vars {
-        if k == "OUTPOST_EDGE_KEYS" {
-            *v = format!("edge1={key}");
-        }
-    }
+    let vars: Vec<(String, String)> = outpost_env
+        .clone()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = real_shaped(&k, v);
+            (k, v)
+        })
+        .collect();
     let config = outpost_aggregator::config::Config::load_with_env(None, vars.into_iter())
         .unwrap_or_else(|e| panic!("the compose settings do not load: {e:#}"));
     config.check().unwrap();
@@ -244,6 +245,202 @@ fn compose_names_every_service_and_only_real_settings() {
     assert_eq!(
         job["static_configs"][0]["targets"][0],
         format!("outpost:{port}")
+    );
+}
+
+/// A `.env.example` placeholder made into a value of the real shape (43
+/// characters of base64url: 32 bytes).
+fn real_shaped(k: &str, v: String) -> String {
+    let key = "A".repeat(43);
+    match k {
+        "OUTPOST_EDGE_KEYS" => format!("edge1={key}"),
+        "OUTPOST_READ_API_CURSOR_SECRET" => key,
+        _ => v,
+    }
+}
+
+#[test]
+fn the_fleet_profile_runs_stateless_nodes_on_a_three_server_nats_cluster_behind_a_balancer() {
+    let c = compose();
+    let services = c["services"].as_object().unwrap();
+    let env = env_example();
+    for name in [
+        "nats-1", "nats-2", "nats-3", "fleet-1", "fleet-2", "fleet-lb",
+    ] {
+        let s = services
+            .get(name)
+            .unwrap_or_else(|| panic!("service {name} missing"));
+        assert_eq!(s["profiles"], serde_json::json!(["fleet"]), "{name}");
+    }
+
+    // The NATS configuration is valid to the real server, carries a whole
+    // frame, and routes to exactly the three servers.
+    let nats_conf = root().join("aggregator/deploy/nats.conf");
+    outpost_tests::run_ok(
+        Command::new(outpost_tests::require_tool("nats-server"))
+            .arg("-t")
+            .arg("-c")
+            .arg(&nats_conf),
+    );
+    let conf = std::fs::read_to_string(&nats_conf).unwrap();
+    let setting = |key: &str| {
+        conf.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("nats.conf has no {key}"))
+    };
+    let max_payload: usize = setting("max_payload")
+        .strip_suffix("MB")
+        .and_then(|n| n.parse::<usize>().ok())
+        .expect("max_payload in MB")
+        * 1024
+        * 1024;
+    let frame = outpost_shared::frame::FrameLimits::default().max_frame_bytes;
+    assert!(max_payload >= frame + outpost_aggregator::spool::jetstream::HEADER_ROOM);
+    let client_port = setting("listen").rsplit(':').next().unwrap().to_owned();
+    let routes: BTreeSet<&str> = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nats-route://"))
+        .collect();
+    let cluster_port = conf
+        .split("cluster {")
+        .nth(1)
+        .and_then(|c| c.lines().find_map(|l| l.trim().strip_prefix("listen:")))
+        .and_then(|l| l.trim().rsplit(':').next())
+        .expect("cluster listen")
+        .to_owned();
+    let expected: BTreeSet<String> = (1..=3)
+        .map(|i| format!("nats-{i}:{cluster_port}"))
+        .collect();
+    assert_eq!(
+        routes,
+        expected.iter().map(String::as_str).collect(),
+        "routes"
+    );
+    let store_dir = conf
+        .split("jetstream {")
+        .nth(1)
+        .and_then(|j| j.lines().find_map(|l| l.trim().strip_prefix("store_dir:")))
+        .expect("jetstream store_dir")
+        .trim()
+        .to_owned();
+    let mut server_names = BTreeSet::new();
+    for i in 1..=3 {
+        let s = &services[&format!("nats-{i}")];
+        let args: Vec<&str> = s["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let conf_path = args[args.iter().position(|a| *a == "-c").unwrap() + 1];
+        let name = args[args.iter().position(|a| *a == "--name").unwrap() + 1];
+        server_names.insert(name.to_owned());
+        let mounts: Vec<&str> = s["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            mounts.contains(&format!("./aggregator/deploy/nats.conf:{conf_path}:ro").as_str()),
+            "{mounts:?}"
+        );
+        assert!(
+            mounts
+                .iter()
+                .any(|m| !m.starts_with("./") && m.ends_with(&format!(":{store_dir}"))),
+            "nats-{i} keeps its store on a volume: {mounts:?}"
+        );
+    }
+    assert_eq!(server_names.len(), 3, "each server its own name");
+
+    // Each node: a real configuration on the JetStream spool, replicated
+    // three times, naming the three servers — and no volume of its own.
+    let mut listen_port = None;
+    for name in ["fleet-1", "fleet-2"] {
+        let node = &services[name];
+        assert!(
+            node["volumes"].as_array().is_none_or(Vec::is_empty),
+            "{name} keeps nothing on a volume"
+        );
+        let vars: Vec<(String, String)> = env_of(node)
+            .into_iter()
+            .map(|(k, v)| {
+                let v = interpolate(&v, &env);
+                (k.clone(), real_shaped(&k, v))
+            })
+            .collect();
+        let config = outpost_aggregator::config::Config::load_with_env(None, vars.into_iter())
+            .unwrap_or_else(|e| panic!("{name}'s settings do not load: {e:#}"));
+        config.check().unwrap();
+        assert_eq!(
+            config.spool.backend,
+            outpost_aggregator::spool::Backend::Jetstream
+        );
+        assert_eq!(config.spool.jetstream.replicas, 3);
+        let urls: BTreeSet<String> = config.spool.jetstream.urls.iter().cloned().collect();
+        let servers: BTreeSet<String> = (1..=3)
+            .map(|i| format!("nats://nats-{i}:{client_port}"))
+            .collect();
+        assert_eq!(urls, servers);
+        assert!(
+            !config.read_api.cursor_secret.0.is_empty(),
+            "one cursor secret for the fleet"
+        );
+        for dep in ["nats-1", "nats-2", "nats-3", "postgres", "redis"] {
+            assert_eq!(
+                node["depends_on"][dep]["condition"], "service_healthy",
+                "{name} → {dep}"
+            );
+        }
+        listen_port = Some(config.server.listen.port());
+    }
+    let port = listen_port.unwrap();
+
+    // The balancer sends to both nodes where they listen, and on to the
+    // other node on no answer or 503, POST included.
+    let lb = std::fs::read_to_string(root().join("aggregator/deploy/fleet-nginx.conf")).unwrap();
+    let upstream_block = lb
+        .split("upstream ")
+        .nth(1)
+        .and_then(|u| u.split('}').next())
+        .expect("an upstream block");
+    let upstreams: BTreeSet<&str> = upstream_block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("server "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|s| s.trim_end_matches(';'))
+        .collect();
+    let want: BTreeSet<String> = ["fleet-1", "fleet-2"]
+        .iter()
+        .map(|n| format!("{n}:{port}"))
+        .collect();
+    assert_eq!(upstreams, want.iter().map(String::as_str).collect());
+    let next = lb
+        .lines()
+        .find(|l| l.trim().starts_with("proxy_next_upstream "))
+        .expect("proxy_next_upstream");
+    for w in ["error", "timeout", "http_503", "non_idempotent"] {
+        assert!(
+            next.split_whitespace()
+                .any(|x| x.trim_end_matches(';') == w),
+            "{next}"
+        );
+    }
+    let lb_listen = lb
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen "))
+        .map(|l| l.trim_end_matches(';').trim().to_owned())
+        .expect("listen");
+    let published = services["fleet-lb"]["ports"][0].as_str().unwrap();
+    assert!(published.ends_with(&format!(":{lb_listen}")), "{published}");
+    assert!(
+        services["fleet-lb"]["volumes"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("./aggregator/deploy/fleet-nginx.conf:/etc/nginx/nginx.conf")
     );
 }
 
