@@ -212,7 +212,7 @@ async fn a_full_stream_is_answered_503_with_retry_after_and_nats_down_too() {
 }
 
 #[tokio::test]
-async fn refused_rows_go_to_the_dead_letter_stream_and_the_rest_is_stored() {
+async fn refused_rows_go_to_the_dead_letter_stream_and_outpost_dead_letters_handles_them() {
     let tmp = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(tmp.path());
     let db = TestDb::new().await;
@@ -239,6 +239,50 @@ async fn refused_rows_go_to_the_dead_letter_stream_and_the_rest_is_stored() {
         .unwrap();
     assert_eq!(ready["dead_letters"]["count"], 1, "{ready}");
     node.wait_spool_empty(10).await;
+
+    // `outpost dead-letters` reads and clears the dead-letter stream.
+    let env = jetstream_env(&nats.url(), &stream, 30);
+    let cli = |args: &[&str]| -> Value {
+        let out = outpost_tests::run_ok(
+            std::process::Command::new(outpost_tests::outpost_bin())
+                .args(["dead-letters", "--config"])
+                .arg(node.dir.join("outpost.toml"))
+                .args(args)
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON from outpost dead-letters")
+    };
+    let listed = cli(&["list"]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["sink"], "postgres");
+    assert!(listed[0]["error"].as_str().unwrap().contains("no_poison"));
+    let id = listed[0]["id"].as_i64().unwrap().to_string();
+    let shown = cli(&["show", &id]);
+    assert_eq!(shown["payload"]["name"], "poison", "{shown}");
+    sqlx::query("ALTER TABLE events DROP CONSTRAINT no_poison")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let replayed = cli(&["replay"]);
+    assert_eq!(replayed["replayed"], 1, "{replayed}");
+    db.wait_rows(CLIENT, 5, 20).await;
+    assert!(cli(&["list"]).as_array().unwrap().is_empty());
+
+    // Purge deletes for good (the constraint again, for new rows only).
+    sqlx::query(
+        "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (name IS DISTINCT FROM 'poison') NOT VALID",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut batch = events(8, 0..2);
+    batch[1].name = Some("poison".into());
+    node.ingest_accepted(frame_for(CLIENT, batch, batch_id()))
+        .await;
+    node.wait_metric("outpost_dead_letters", 1.0, 20).await;
+    assert_eq!(cli(&["purge", "--yes"])["deleted"], 1);
+    node.wait_metric("outpost_dead_letters", 0.0, 10).await;
 }
 
 /// Waits until a three-server cluster has formed and can place a stream

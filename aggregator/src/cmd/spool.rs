@@ -2,8 +2,11 @@
 //! with the spool file — see which sinks it holds batches for and how many,
 //! drop a sink that is gone for good, and handle what the sinks gave up on.
 //!
-//! They open the spool named by `spool.path`, beside a running aggregator
-//! if there is one (SQLite's locks keep them apart). `replay` does not write
+//! `outpost spool` opens the spool named by `spool.path`, beside a running
+//! aggregator if there is one (SQLite's locks keep them apart);
+//! `outpost dead-letters` works on that file's table or, with
+//! `spool.backend = "jetstream"`, on the stream `<stream>_DEAD` (ids are
+//! its sequence numbers). `replay` does not write
 //! to the spool itself: it signs the dead letters into frames with the
 //! first edge key and sends them to the aggregator's `POST /v1/ingest`,
 //! under their original batch id, so they pass validation (with today's
@@ -84,7 +87,7 @@ impl Selection {
 
 /// Reads every selected dead letter, in pages.
 async fn selected(
-    pool: &sqlx::SqlitePool,
+    store: &spool::DeadLetters,
     sel: &Selection,
     with_payload: bool,
     max: usize,
@@ -92,8 +95,9 @@ async fn selected(
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page =
-            spool::list_dead_letters(pool, sel.sink.as_deref(), after, 500, with_payload).await?;
+        let page = store
+            .list(sel.sink.as_deref(), after, 500, with_payload)
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.id;
         out.extend(page.into_iter().filter(|d| sel.wants(d)));
@@ -107,20 +111,20 @@ async fn selected(
 
 /// `outpost dead-letters list`: oldest first, without payloads.
 pub async fn list(config: &Config, sel: &Selection, limit: usize) -> anyhow::Result<Value> {
-    let pool = spool::open_for_admin(&config.spool.path).await?;
-    let letters = selected(&pool, sel, false, limit).await?;
+    let store = spool::DeadLetters::open(&config.spool).await?;
+    let letters = selected(&store, sel, false, limit).await?;
     Ok(serde_json::to_value(letters)?)
 }
 
 /// `outpost dead-letters show ID`: one letter with its payload (the event
 /// as JSON, or a whole frame in base64) and the edge's facts.
 pub async fn show(config: &Config, id: i64) -> anyhow::Result<Value> {
-    let pool = spool::open_for_admin(&config.spool.path).await?;
+    let store = spool::DeadLetters::open(&config.spool).await?;
     let sel = Selection {
         sink: None,
         ids: vec![id],
     };
-    let d = selected(&pool, &sel, true, 1)
+    let d = selected(&store, &sel, true, 1)
         .await?
         .pop()
         .with_context(|| format!("no dead letter {id}"))?;
@@ -155,17 +159,17 @@ pub async fn purge(
     if !yes {
         bail!("purging deletes dead letters for good: run again with --yes");
     }
-    let pool = spool::open_for_admin(&config.spool.path).await?;
+    let store = spool::DeadLetters::open(&config.spool).await?;
     let deleted = if sel.ids.is_empty() {
-        spool::purge_dead_letters(&pool, sel.sink.as_deref(), before_ms).await?
+        store.purge(sel.sink.as_deref(), before_ms).await?
     } else {
-        let ids: Vec<i64> = selected(&pool, sel, false, usize::MAX)
+        let ids: Vec<i64> = selected(&store, sel, false, usize::MAX)
             .await?
             .into_iter()
             .filter(|d| before_ms.is_none_or(|b| d.at_ms < b))
             .map(|d| d.id)
             .collect();
-        spool::delete_dead_letters(&pool, &ids).await?
+        store.delete(&ids).await?
     };
     Ok(json!({"deleted": deleted}))
 }
@@ -189,8 +193,8 @@ pub async fn replay(config: &Config, sel: &Selection, url: &str) -> anyhow::Resu
         .first()
         .cloned()
         .context("no edge key: the configuration's first edge key signs the frames")?;
-    let pool = spool::open_for_admin(&config.spool.path).await?;
-    let letters = selected(&pool, sel, true, usize::MAX).await?;
+    let store = spool::DeadLetters::open(&config.spool).await?;
+    let letters = selected(&store, sel, true, usize::MAX).await?;
     let mut replays: BTreeMap<([u8; 16], String), Replay> = BTreeMap::new();
     let mut frames: Vec<(i64, Vec<u8>)> = Vec::new();
     let mut unreadable = Vec::new();
@@ -314,7 +318,7 @@ pub async fn replay(config: &Config, sel: &Selection, url: &str) -> anyhow::Resu
             }));
         }
     }
-    let deleted = spool::delete_dead_letters(&pool, &cleared).await?;
+    let deleted = store.delete(&cleared).await?;
     Ok(json!({
         "replayed": deleted,
         "still_dead": still,
@@ -388,15 +392,15 @@ pub fn spool_main(config: Option<&std::path::Path>, command: SpoolCommand) -> an
     Ok(())
 }
 
-/// These commands read the SQLite spool; a JetStream spool's streams are
-/// inspected with NATS's own tools for now.
+/// `outpost spool` reads the SQLite spool; a JetStream spool's stream is
+/// inspected with NATS's own tools (its consumers are the sinks).
 fn sqlite_only(config: &Config) -> anyhow::Result<()> {
     if config.spool.backend == spool::Backend::Jetstream {
         let j = &config.spool.jetstream;
         bail!(
-            "spool.backend is \"jetstream\": these commands read the SQLite spool only; \
-             see the stream with `nats stream info {}` and the dead letters with \
-             `nats stream view {}_DEAD`",
+            "spool.backend is \"jetstream\": `outpost spool` reads the SQLite spool only; \
+             see the stream and each sink's consumer with `nats stream info {}` and \
+             `nats consumer report {}` (`outpost dead-letters` works on both)",
             j.stream,
             j.stream
         );
@@ -410,7 +414,6 @@ pub fn dead_letters_main(
     command: DeadLettersCommand,
 ) -> anyhow::Result<()> {
     let config = outpost_aggregator::config::Config::load_unchecked(config)?;
-    sqlite_only(&config)?;
     let out = super::runtime()?.block_on(async {
         match command {
             DeadLettersCommand::List { selection, limit } => list(&config, &selection, limit).await,

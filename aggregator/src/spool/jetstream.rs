@@ -5,10 +5,10 @@
 //!
 //! * **Append**: ingest publishes the verified frame and answers `202` only
 //!   after JetStream's publish acknowledgement (with `replicas = 3`, after a
-//!   quorum of the cluster stored it). The batch id is the `Nats-Msg-Id`,
-//!   so an edge retrying the same frame — on this node or another — is
-//!   stored once within `duplicate_window_secs`; past that window Redis
-//!   dedup drops its events. The stream's `max_bytes` (= `spool.max_bytes`,
+//!   quorum of the cluster stored it). The batch id (with the frame's MAC)
+//!   is the `Nats-Msg-Id`, so an edge retrying the same frame — on this
+//!   node or another — is stored once within `duplicate_window_secs`; past
+//!   that window Redis dedup drops its events. The stream's `max_bytes` (= `spool.max_bytes`,
 //!   discard-new) is the size bound: a publish past it is answered `503` +
 //!   `Retry-After`, as a full SQLite spool is.
 //! * **Delivery**: each sink is two durable pull consumers (high and normal
@@ -261,7 +261,7 @@ impl JetStreamSpool {
         let inner = &self.inner;
         let priority = if entry.priority > 0 { "high" } else { "normal" };
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", hex::encode(entry.batch_id).as_str());
+        headers.insert("Nats-Msg-Id", message_id(&entry).as_str());
         let verdict: String = entry
             .valid
             .iter()
@@ -662,6 +662,130 @@ async fn keep_alive(inner: std::sync::Weak<Inner>) {
         }
         spool.refresh_gauges().await;
     }
+}
+
+/// The dead-letter stream, for `outpost dead-letters`.
+pub struct DeadLetterStream {
+    stream: stream::Stream,
+}
+
+impl DeadLetterStream {
+    /// Connects and finds `<stream>_DEAD`.
+    pub async fn open(config: &JetStreamConfig) -> anyhow::Result<DeadLetterStream> {
+        let client = async_nats::ConnectOptions::new()
+            .name("outpost-dead-letters")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(config.urls.join(","))
+            .await
+            .with_context(|| format!("connecting to NATS at {}", config.urls.join(",")))?;
+        let name = format!("{}_DEAD", config.stream);
+        let stream = jetstream::new(client)
+            .get_stream(&name)
+            .await
+            .with_context(|| format!("the dead-letter stream {name}"))?;
+        Ok(DeadLetterStream { stream })
+    }
+
+    /// Up to `limit` letters after sequence `after_id`, of one sink or all.
+    pub async fn list(
+        &self,
+        sink: Option<&str>,
+        after_id: i64,
+        limit: i64,
+        with_payload: bool,
+    ) -> anyhow::Result<Vec<super::StoredDeadLetter>> {
+        let state = self.stream.get_info().await?.state;
+        let from = u64::try_from(after_id.saturating_add(1))
+            .unwrap_or(0)
+            .max(state.first_sequence);
+        let mut out = Vec::new();
+        for seq in from..=state.last_sequence {
+            if out.len() as i64 >= limit {
+                break;
+            }
+            // A gap: deleted (replayed, purged), or dropped by the bound.
+            let Ok(m) = self.stream.get_raw_message(seq).await else {
+                continue;
+            };
+            let h = |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned());
+            let letter_sink = h(dead::SINK).unwrap_or_default();
+            if sink.is_some_and(|s| s != letter_sink) {
+                continue;
+            }
+            let batch_bytes: [u8; 16] = h(dead::BATCH)
+                .and_then(|b| hex::decode(b).ok())
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or_default();
+            out.push(super::StoredDeadLetter {
+                id: i64::try_from(seq).unwrap_or(i64::MAX),
+                sink: letter_sink,
+                batch_id: outpost_shared::frame::BatchId(batch_bytes).to_string(),
+                batch_bytes,
+                client_id: h(dead::CLIENT).unwrap_or_default(),
+                event_id: h(dead::EVENT),
+                error: h(dead::ERROR).unwrap_or_default(),
+                at_ms: h(dead::AT).and_then(|a| a.parse().ok()).unwrap_or(0),
+                bytes: i64::try_from(m.payload.len()).unwrap_or(i64::MAX),
+                payload: if with_payload {
+                    m.payload.to_vec()
+                } else {
+                    Vec::new()
+                },
+                facts: h(dead::FACTS),
+                edge_id: h(dead::EDGE),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes letters by sequence number; returns how many went.
+    pub async fn delete(&self, ids: &[i64]) -> anyhow::Result<u64> {
+        let mut n = 0;
+        for id in ids {
+            let Ok(seq) = u64::try_from(*id) else {
+                continue;
+            };
+            if self.stream.delete_message(seq).await.unwrap_or(false) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Deletes every letter (of one sink, older than a time).
+    pub async fn purge(&self, sink: Option<&str>, before_ms: Option<i64>) -> anyhow::Result<u64> {
+        if sink.is_none() && before_ms.is_none() {
+            let purged = self
+                .stream
+                .purge()
+                .await
+                .map_err(|e| anyhow::anyhow!("purging the dead letters: {e}"))?;
+            return Ok(purged.purged);
+        }
+        let mut ids = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.list(sink, after, 500, false).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            ids.extend(
+                page.iter()
+                    .filter(|d| before_ms.is_none_or(|b| d.at_ms < b))
+                    .map(|d| d.id),
+            );
+        }
+        self.delete(&ids).await
+    }
+}
+
+/// The message id JetStream drops repeats by: the batch id and the end of
+/// the frame's HMAC (a verified frame ends with its 32-byte tag). An edge
+/// retrying a frame sends the same bytes, so the same id; a frame made
+/// again under the same batch id (`outpost dead-letters replay`: only the
+/// dead events, signed anew) is a different message and is stored.
+fn message_id(entry: &SpoolEntry) -> String {
+    let tag = &entry.frame[entry.frame.len().saturating_sub(16)..];
+    format!("{}-{}", hex::encode(entry.batch_id), hex::encode(tag))
 }
 
 /// JetStream headers cannot hold line breaks.

@@ -286,3 +286,59 @@ impl Spool {
         }
     }
 }
+
+/// The dead letters as `outpost dead-letters` reads and changes them: the
+/// SQLite spool's table, or the JetStream dead-letter stream. Ids are the
+/// table's ids or the stream's sequence numbers.
+pub enum DeadLetters {
+    /// `spool.path`'s `dead_letters` table.
+    Sqlite(sqlx::SqlitePool),
+    /// The stream `<stream>_DEAD`.
+    JetStream(Box<jetstream::DeadLetterStream>),
+}
+
+impl DeadLetters {
+    /// Opens the dead letters of the configured backend.
+    pub async fn open(config: &crate::config::SpoolConfig) -> anyhow::Result<DeadLetters> {
+        Ok(match config.backend {
+            Backend::Sqlite => DeadLetters::Sqlite(open_for_admin(&config.path).await?),
+            Backend::Jetstream => DeadLetters::JetStream(Box::new(
+                jetstream::DeadLetterStream::open(&config.jetstream).await?,
+            )),
+        })
+    }
+
+    /// Up to `limit` letters with an id above `after_id`, oldest first,
+    /// of one sink or all.
+    pub async fn list(
+        &self,
+        sink: Option<&str>,
+        after_id: i64,
+        limit: i64,
+        with_payload: bool,
+    ) -> anyhow::Result<Vec<StoredDeadLetter>> {
+        Ok(match self {
+            DeadLetters::Sqlite(pool) => {
+                list_dead_letters(pool, sink, after_id, limit, with_payload).await?
+            }
+            DeadLetters::JetStream(s) => s.list(sink, after_id, limit, with_payload).await?,
+        })
+    }
+
+    /// Deletes letters by id; returns how many went.
+    pub async fn delete(&self, ids: &[i64]) -> anyhow::Result<u64> {
+        Ok(match self {
+            DeadLetters::Sqlite(pool) => delete_dead_letters(pool, ids).await?,
+            DeadLetters::JetStream(s) => s.delete(ids).await?,
+        })
+    }
+
+    /// Deletes every letter (of one sink, older than a time); returns how
+    /// many went.
+    pub async fn purge(&self, sink: Option<&str>, before_ms: Option<i64>) -> anyhow::Result<u64> {
+        Ok(match self {
+            DeadLetters::Sqlite(pool) => purge_dead_letters(pool, sink, before_ms).await?,
+            DeadLetters::JetStream(s) => s.purge(sink, before_ms).await?,
+        })
+    }
+}
