@@ -153,19 +153,7 @@ impl JetStreamSpool {
         max_frame_bytes: usize,
         metrics: Metrics,
     ) -> anyhow::Result<JetStreamSpool> {
-        let addrs = config
-            .urls
-            .iter()
-            .map(|u| u.parse::<async_nats::ServerAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .context("spool.jetstream.urls")?;
-        anyhow::ensure!(!addrs.is_empty(), "spool.jetstream.urls is empty");
-        let client = async_nats::ConnectOptions::new()
-            .name("outpost-aggregator")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(addrs)
-            .await
-            .with_context(|| format!("connecting to NATS at {}", config.urls.join(",")))?;
+        let client = connect(config, "outpost-aggregator").await?;
         let max_payload = client.server_info().max_payload;
         if max_payload < max_frame_bytes + HEADER_ROOM {
             bail!(
@@ -532,6 +520,24 @@ impl JetStreamSpool {
 /// answer would hold its worker for ever.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Connects to `spool.jetstream.urls` as `name` (the aggregator and the
+/// operator commands alike).
+async fn connect(config: &JetStreamConfig, name: &str) -> anyhow::Result<async_nats::Client> {
+    let addrs = config
+        .urls
+        .iter()
+        .map(|u| u.parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("spool.jetstream.urls")?;
+    anyhow::ensure!(!addrs.is_empty(), "spool.jetstream.urls is empty");
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(addrs)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.urls.join(",")))
+}
+
 /// Up to `n` messages the consumer has now (no waiting for more), within
 /// [`FETCH_TIMEOUT`]: what arrived by then is kept.
 async fn fetch(consumer: &PullConsumer, n: usize) -> Result<Vec<jetstream::Message>, SpoolError> {
@@ -672,12 +678,7 @@ pub struct DeadLetterStream {
 impl DeadLetterStream {
     /// Connects and finds `<stream>_DEAD`.
     pub async fn open(config: &JetStreamConfig) -> anyhow::Result<DeadLetterStream> {
-        let client = async_nats::ConnectOptions::new()
-            .name("outpost-dead-letters")
-            .connection_timeout(Duration::from_secs(5))
-            .connect(config.urls.join(","))
-            .await
-            .with_context(|| format!("connecting to NATS at {}", config.urls.join(",")))?;
+        let client = connect(config, "outpost-dead-letters").await?;
         let name = format!("{}_DEAD", config.stream);
         let stream = jetstream::new(client)
             .get_stream(&name)
