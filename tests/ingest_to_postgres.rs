@@ -517,48 +517,290 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
     assert_eq!(leftover, 0, "the baseline table is dropped");
 }
 
-/// Runs the README's retention block with `keep` in place of its 90 days.
-fn run_retention(db_url: &str, keep: &str) {
-    outpost_tests::require_tool("psql");
-    let block = outpost_tests::fenced_block_after(&outpost_tests::readme(), "example: retention");
-    assert!(block.contains("keep='90 days'"), "{block}");
-    outpost_tests::run_ok(
-        std::process::Command::new("bash")
-            .arg("-c")
-            .arg(block.replace("keep='90 days'", &format!("keep='{keep}'")))
-            .env("OUTPOST_POSTGRES_URL", db_url),
+/// `outpost partitions` with the aggregator's config and `env`: its report.
+fn maintain_partitions(agg: &Aggregator, env: &[(&str, &str)]) -> Value {
+    let out = outpost_tests::run_ok(
+        std::process::Command::new(outpost_tests::outpost_bin())
+            .args(["partitions", "--config"])
+            .arg(agg.dir.join("outpost.toml"))
+            .envs(env.iter().copied()),
     );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
+}
+
+/// The UTC day `offset` days from today, as partition names spell it.
+async fn utc_day(db: &TestDb, offset: i32) -> String {
+    sqlx::query_scalar("SELECT to_char((now() AT TIME ZONE 'UTC')::date + $1, 'YYYYMMDD')")
+        .bind(offset)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// The day partitions of `events` and `event_counts`, by name.
+async fn day_partitions(db: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent IN ('events'::regclass, 'event_counts'::regclass) \
+           AND c.relname ~ '_p[0-9]{8}$' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// Rows of `events` per partition holding them.
+async fn rows_by_partition(db: &TestDb) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT tableoid::regclass::text, count(*) FROM events GROUP BY 1 ORDER BY 1")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn counted_events(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE dim = ''")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
-async fn the_readme_retention_block_deletes_old_events_with_their_rollups() {
+async fn events_are_partitioned_by_day_and_retention_drops_expired_days() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
     let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
+    // The keeper ran at start: yesterday to two days ahead, both tables.
+    agg.wait_metric("outpost_postgres_partition_days_ahead", 2.0, 20)
+        .await;
+    let parts = day_partitions(&db).await;
+    assert_eq!(parts.len(), 8, "{parts:?}");
+    for offset in [-1, 0, 1, 2] {
+        let day = utc_day(&db, offset).await;
+        for table in ["events", "event_counts"] {
+            assert!(parts.contains(&format!("{table}_p{day}")), "{parts:?}");
+        }
+    }
+    assert_eq!(
+        agg.metric("outpost_postgres_partition_failures_total")
+            .await,
+        0.0
+    );
+
+    // Today's events land in today's partition.
     agg.ingest_accepted(frame_for("acme-web", events(41, 0..6), batch_id()))
         .await;
     db.wait_rows("acme-web", 6, 15).await;
-    let counted = |pool: sqlx::PgPool| async move {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE dim = ''",
-        )
-        .fetch_one(&pool)
+    let today = utc_day(&db, 0).await;
+    assert_eq!(
+        rows_by_partition(&db).await,
+        [(format!("events_p{today}"), 6)]
+    );
+
+    // A day partition from ten days ago (as the keeper made it then) and
+    // late events no day partition holds, each with its count.
+    sqlx::query(
+        "DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - 10; BEGIN \
+         EXECUTE format('CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%L) TO (%L)', \
+             'events_p' || to_char(d, 'YYYYMMDD'), d::timestamp AT TIME ZONE 'UTC', \
+             (d + 1)::timestamp AT TIME ZONE 'UTC'); \
+         EXECUTE format('CREATE TABLE %I PARTITION OF event_counts FOR VALUES FROM (%s) TO (%s)', \
+             'event_counts_p' || to_char(d, 'YYYYMMDD'), \
+             (extract(epoch FROM d::timestamp) / 60)::int8, \
+             (extract(epoch FROM (d + 1)::timestamp) / 60)::int8); END $$",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "WITH old(event_id, ts) AS (VALUES ('old', now() - interval '10 days'), \
+             ('late-5', now() - interval '5 days'), ('late-3', now() - interval '3 days')), \
+         stored AS (INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, priority) \
+             SELECT 'acme-web', event_id, gen_random_uuid(), 'test', ts, now(), 'event', 'normal' FROM old \
+             RETURNING ts) \
+         INSERT INTO event_counts (client_id, dim, minute, value, events) \
+         SELECT 'acme-web', '', floor(extract(epoch FROM ts) / 60)::int8, NULL, 1 FROM stored",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ten_days_ago = utc_day(&db, -10).await;
+    assert_eq!(
+        rows_by_partition(&db).await,
+        [
+            ("events_default".to_owned(), 2),
+            (format!("events_p{ten_days_ago}"), 1),
+            (format!("events_p{today}"), 6),
+        ]
+    );
+
+    // The README's setting: 90 days keep all of it.
+    let block = outpost_tests::fenced_block_after(&outpost_tests::readme(), "example: retention");
+    let example: toml::Table = toml::from_str(&block).expect("README retention example");
+    assert_eq!(example["postgres"]["retention_days"].as_integer(), Some(90));
+    agg.edit_config(|c| c.replace("[postgres]\n", &format!("{block}\n")));
+    let report = maintain_partitions(&agg, &[]);
+    assert_eq!(report["dropped"], serde_json::json!([]), "{report}");
+    assert_eq!(report["deleted_rows"], 0, "{report}");
+    assert_eq!(report["days_ahead"], 2, "{report}");
+    assert_eq!(db.count_events("acme-web").await, 9);
+
+    // Four days: the day partitions before the cut-off go whole, the late
+    // event before it goes from the default partitions, with its count.
+    let report = maintain_partitions(&agg, &[("OUTPOST_POSTGRES_RETENTION_DAYS", "4")]);
+    assert_eq!(
+        report["dropped"],
+        serde_json::json!([
+            format!("events_p{ten_days_ago}"),
+            format!("event_counts_p{ten_days_ago}")
+        ]),
+        "{report}"
+    );
+    assert_eq!(
+        report["deleted_rows"], 2,
+        "the late event and its count: {report}"
+    );
+    assert_eq!(report["created"], serde_json::json!([]), "{report}");
+    assert_eq!(
+        rows_by_partition(&db).await,
+        [
+            ("events_default".to_owned(), 1),
+            (format!("events_p{today}"), 6),
+        ]
+    );
+    assert_eq!(counted_events(&db).await, 7, "the rollups match the rows");
+    assert_eq!(day_partitions(&db).await.len(), 8);
+}
+
+#[tokio::test]
+async fn a_table_from_before_partitioning_is_attached_as_it_is_and_stays_deduplicated() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    // The schema the releases before partitioning left, with three days
+    // of their events and counts.
+    let old = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(outpost_tests::repo_root().join("migrations/postgres")).unwrap()
+    {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "20261206" {
+            std::fs::copy(&path, old.path().join(name)).unwrap();
+        }
+    }
+    sqlx::migrate::Migrator::new(old.path())
         .await
         .unwrap()
+        .run(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, priority) \
+         SELECT 'acme-web', 'old-' || g, gen_random_uuid(), 'test', now() - g * interval '1 hour', now(), \
+                'event', 'normal' FROM generate_series(1, 72) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO event_counts (client_id, dim, minute, value, events) \
+         SELECT client_id, '', floor(extract(epoch FROM ts) / 60)::int8, NULL, count(*) \
+         FROM events GROUP BY 1, 2, 3, 4",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ids = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, String)>("SELECT id, event_id FROM events ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
     };
-    assert_eq!(counted(db.pool.clone()).await, 6);
-
-    // Today's events are younger than 90 days: nothing goes.
-    run_retention(&db.url, "90 days");
-    assert_eq!(db.count_events("acme-web").await, 6);
-    assert_eq!(counted(db.pool.clone()).await, 6);
-
-    // A cut-off after tomorrow's midnight: every row and every count goes.
-    run_retention(&db.url, "-2 days");
-    assert_eq!(db.count_events("acme-web").await, 0);
-    assert_eq!(counted(db.pool.clone()).await, 0);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM event_counts")
+    let before = ids(&db).await;
+    let file: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('events')::int8")
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(left, 0, "rollups of deleted minutes remain");
+
+    // This release migrates it on start (dedup off: PostgreSQL's key alone).
+    let config = store_config(&db.url, &redis).replace("backend = \"redis\"", "backend = \"off\"");
+    let agg = Aggregator::start(&config).await;
+    agg.wait_metric("outpost_postgres_partition_days_ahead", 2.0, 20)
+        .await;
+    assert_eq!(ids(&db).await, before, "every row, with its id");
+    let legacy_file: i64 = sqlx::query_scalar("SELECT pg_relation_filenode('events_legacy')::int8")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        legacy_file, file,
+        "the old table is attached, not rewritten"
+    );
+    // It holds everything before the second UTC midnight from now; the
+    // keeper made only the days after it.
+    let bound_is_two_midnights_on: bool = sqlx::query_scalar(
+        "SELECT pg_get_expr(c.relpartbound, c.oid) = format('FOR VALUES FROM (MINVALUE) TO (%L)', \
+                date_trunc('day', now(), 'UTC') + interval '2 days') \
+         FROM pg_class c WHERE c.relname = 'events_legacy'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(bound_is_two_midnights_on);
+    let day2 = utc_day(&db, 2).await;
+    assert_eq!(
+        day_partitions(&db).await,
+        [format!("event_counts_p{day2}"), format!("events_p{day2}")]
+    );
+
+    // New events land in it; the same frame twice, and an event resent
+    // with its timestamp, are stored once; resent with another timestamp,
+    // twice (only Redis's window stops that: README, "Duplicates").
+    let mut evs = events(42, 0..3);
+    let frame = frame_for("acme-web", evs.clone(), batch_id());
+    agg.ingest_accepted(frame.clone()).await;
+    agg.ingest_accepted(frame).await;
+    agg.ingest_accepted(frame_for("acme-web", evs.clone(), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 75, 15).await;
+    evs.truncate(1);
+    evs[0].timestamp = evs[0]
+        .timestamp
+        .map(|t| outpost_shared::event::Timestamp(t.0 - 1_000));
+    agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    db.wait_rows("acme-web", 76, 15).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(db.count_events("acme-web").await, 76);
+    assert_eq!(
+        rows_by_partition(&db).await,
+        [("events_legacy".to_owned(), 76)]
+    );
+    assert_eq!(counted_events(&db).await, 76, "the rollups match the rows");
+
+    // Retention deletes its expired rows in place (it also holds younger
+    // ones), with their counts, and keeps the table.
+    let expired: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM events WHERE ts < c) \
+              + (SELECT count(*) FROM event_counts WHERE minute < extract(epoch FROM c) / 60) \
+         FROM (SELECT date_trunc('day', now(), 'UTC') - interval '1 day' AS c) x",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(expired > 0);
+    let report = maintain_partitions(&agg, &[("OUTPOST_POSTGRES_RETENTION_DAYS", "1")]);
+    assert_eq!(report["deleted_rows"], expired, "{report}");
+    assert_eq!(report["dropped"], serde_json::json!([]), "{report}");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE ts < date_trunc('day', now(), 'UTC') - interval '1 day'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(
+        counted_events(&db).await,
+        db.count_events("acme-web").await,
+        "the rollups still match the rows"
+    );
 }

@@ -118,6 +118,14 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
+    /// PostgreSQL's day partitions: create the coming days, drop the ones
+    /// `postgres.retention_days` expired (what `serve` does hourly), and
+    /// print what was done (JSON).
+    Partitions {
+        /// TOML config file (only `[postgres]` is used).
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print the HMAC signature headers for a request (body from stdin or --body).
     Sign(cmd::rules::SignArgs),
     /// Validate a batch request body (stdin) and print what the edge would answer.
@@ -152,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         Command::Geoip { config, command } => cmd::geoip::main(config.as_deref(), command),
         Command::Healthcheck { url } => cmd::service::healthcheck(&url),
         Command::Migrate { config } => cmd::service::migrate(config.as_deref()),
+        Command::Partitions { config } => cmd::service::partitions(config.as_deref()),
         Command::Sign(args) => cmd::rules::sign(args),
         Command::Validate => cmd::rules::validate(),
     }

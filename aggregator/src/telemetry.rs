@@ -100,6 +100,10 @@ pub struct Metrics {
     pub http_connections_closed: Family<ReasonLabel, Counter>,
     /// Requests answered `503` at once to stay within the server's bounds.
     pub http_requests_shed: Family<ReasonLabel, Counter>,
+    /// Days after today that PostgreSQL's `events` has a partition for.
+    pub postgres_partition_days_ahead: Gauge,
+    /// Partition maintenance runs that failed (retried a minute later).
+    pub postgres_partition_failures: Counter,
 }
 
 impl Metrics {
@@ -133,6 +137,8 @@ impl Metrics {
             http_connections: Gauge::default(),
             http_connections_closed: Family::default(),
             http_requests_shed: Family::default(),
+            postgres_partition_days_ahead: Gauge::default(),
+            postgres_partition_failures: Counter::default(),
         };
         // prometheus-client appends `_total` to counters and the unit to names.
         let r = registry.sub_registry_with_prefix("outpost");
@@ -260,6 +266,16 @@ impl Metrics {
             "http_requests_shed",
             "Requests answered 503 at once to stay within the server's bounds, by reason",
             m.http_requests_shed.clone(),
+        );
+        r.register(
+            "postgres_partition_days_ahead",
+            "Days after today that PostgreSQL's events table has a partition for",
+            m.postgres_partition_days_ahead.clone(),
+        );
+        r.register(
+            "postgres_partition_failures",
+            "PostgreSQL partition maintenance runs that failed",
+            m.postgres_partition_failures.clone(),
         );
         // Every series from the start, at zero, for dashboards and alerts.
         for reason in ["concurrency", "timeout"] {

@@ -1,5 +1,6 @@
-//! The service's own commands: `outpost serve`, `outpost migrate` and
-//! `outpost healthcheck` (the container health check, with no curl).
+//! The service's own commands: `outpost serve`, `outpost migrate`,
+//! `outpost partitions` and `outpost healthcheck` (the container health
+//! check, with no curl).
 
 use std::path::Path;
 
@@ -20,6 +21,32 @@ pub fn migrate(config: Option<&Path>) -> anyhow::Result<()> {
         println!("migrations applied ({})", db.name());
         anyhow::Ok(())
     })?;
+    Ok(())
+}
+
+/// `outpost partitions`: PostgreSQL's partition maintenance, once (what
+/// every aggregator does hourly); prints what it did as JSON.
+pub fn partitions(config: Option<&Path>) -> anyhow::Result<()> {
+    use outpost_aggregator::sinks::postgres::partitions;
+    let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    anyhow::ensure!(
+        config.postgres.enabled,
+        "the PostgreSQL sink is off (`postgres.enabled = false`): nothing is partitioned"
+    );
+    let report = super::runtime()?.block_on(async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&config.postgres.url.0)
+            .await?;
+        let report = partitions::maintain(
+            &pool,
+            config.postgres.retention_days,
+            std::time::SystemTime::now(),
+        )
+        .await?;
+        anyhow::Ok(report)
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 

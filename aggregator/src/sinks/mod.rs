@@ -189,6 +189,23 @@ impl Configured {
         }
     }
 
+    /// Adds a task of the sink's own (PostgreSQL's partition keeper),
+    /// started with its delivery workers.
+    pub fn with_task(
+        mut self,
+        task: impl FnOnce(&Arc<DeliveryContext>, &watch::Receiver<bool>) -> JoinHandle<()>
+        + Send
+        + 'static,
+    ) -> Configured {
+        let start = self.start;
+        self.start = Box::new(move |ctx, stop| {
+            let mut handles = start(ctx, stop);
+            handles.push(task(ctx, stop));
+            handles
+        });
+        self
+    }
+
     /// Starts the sink's delivery workers.
     pub fn start(
         self,

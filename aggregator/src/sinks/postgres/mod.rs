@@ -12,6 +12,9 @@
 //! counts the rows it really inserted (`RETURNING`) in the same statement.
 //! Both paths store the same values and count them the same way.
 //!
+//! `events` and `event_counts` are partitioned by day; [`partitions`]
+//! keeps the days ahead and applies `retention_days`.
+//!
 //! Errors are sorted by SQLSTATE class into the data's fault, the
 //! database's, or neither for sure ([`SinkError`]); the delivery workers
 //! narrow the first and the last down to rows.
@@ -27,6 +30,8 @@ use sqlx::postgres::PgPoolOptions;
 use super::{Row, Sink, SinkError};
 use crate::redacted::Redacted;
 
+pub mod partitions;
+
 /// `[postgres]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -39,6 +44,10 @@ pub struct PostgresConfig {
     pub migrate_on_start: bool,
     /// Connection pool size.
     pub max_connections: u32,
+    /// Days of events (and their rollups) to keep, counted in whole UTC
+    /// days before today; 0 keeps everything. Expired days are dropped
+    /// hourly, as whole partitions.
+    pub retention_days: u32,
 }
 
 impl Default for PostgresConfig {
@@ -48,6 +57,7 @@ impl Default for PostgresConfig {
             url: Redacted::from("postgres://postgres@127.0.0.1:5432/outpost"),
             migrate_on_start: true,
             max_connections: 8,
+            retention_days: 0,
         }
     }
 }
@@ -101,7 +111,7 @@ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8
             $30::text[], $31::int8[], $32::text[])
      AS x(c, e, b, ed, t, r, k, n, m, l, u, a, s, p, cx, av, pl, tr, sp, sq, pr, ip, ua, pop, co,
           rg, ci, la, lo, tz, asn, aso)
-ON CONFLICT (client_id, event_id) DO NOTHING
+ON CONFLICT (client_id, event_id, ts) DO NOTHING
 RETURNING client_id, ts, kind, name, country, platform, app_version, level, priority
 ), per_minute AS (
 SELECT client_id, floor(extract(epoch from ts) / 60)::int8 AS minute, kind, name, country, platform,
@@ -664,10 +674,14 @@ fn build(config: &crate::config::Config) -> super::Building<'_> {
         // statement bounded by `read_api.statement_timeout_ms`: a costly
         // query is cut off, and it cannot take the sink's connections.
         let read = crate::db::read_pool(&config.postgres, config.read_api.statement_timeout_ms)?;
-        Ok(super::Configured::new(
-            sink,
-            Some(crate::db::Db::Postgres(read)),
-        ))
+        let (pool, retention_days) = (sink.pool().clone(), config.postgres.retention_days);
+        Ok(
+            super::Configured::new(sink, Some(crate::db::Db::Postgres(read))).with_task(
+                move |ctx, stop| {
+                    partitions::spawn(pool, retention_days, ctx.metrics.clone(), stop.clone())
+                },
+            ),
+        )
     })
 }
 
