@@ -30,9 +30,14 @@ use outpost_edge_host::{EdgeHost, HostConfig};
 use outpost_shared::auth::permission::Permissions;
 use outpost_shared::auth::signature;
 use outpost_shared::client::{AuthMethod, ClientRecord, Credential, KeyMaterial, Secret};
+use outpost_shared::seal::{
+    PURPOSE_CLIENT_RECORD, SEALED_RECORD_CONTENT_TYPE, SealKey, client_record_context,
+};
 use tokio::net::TcpListener;
 
 const EDGE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY";
+/// `EDGE_SECRET` decoded (base64url).
+const EDGE_SECRET_BYTES: &[u8] = b"0123456789abcdef0123456789abcdef";
 const CLIENT_SECRET: &[u8] = b"bench-client-hmac-secret";
 
 fn component() -> PathBuf {
@@ -66,7 +71,11 @@ async fn stand_in() -> String {
         active: true,
         expires_at: None,
     };
+    // Sealed per lookup, as the aggregator does: under a key derived from
+    // the edge key, bound to the client id and the lookup's timestamp.
     let record = Bytes::from(serde_json::to_vec(&record).unwrap());
+    let seal_key = std::sync::Arc::new(SealKey::derive(EDGE_SECRET_BYTES, PURPOSE_CLIENT_RECORD));
+    let nonces = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
     let accepted = Bytes::from_static(
         br#"{"success":true,"accepted":100,"rejected":0,"errors":[],"request_id":"agg"}"#,
     );
@@ -78,21 +87,37 @@ async fn stand_in() -> String {
                 return;
             };
             let (record, accepted) = (record.clone(), accepted.clone());
+            let (seal_key, nonces) = (seal_key.clone(), nonces.clone());
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (record, accepted) = (record.clone(), accepted.clone());
+                    let (seal_key, nonces) = (seal_key.clone(), nonces.clone());
                     async move {
-                        let is_lookup = req.uri().path().starts_with("/internal/");
+                        let lookup_ts = req.uri().path().starts_with("/internal/").then(|| {
+                            req.headers()
+                                .get(signature::HEADER_TIMESTAMP)
+                                .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
+                                .unwrap_or(0)
+                        });
                         let _ = req.into_body().collect().await;
-                        let (status, body) = if is_lookup {
-                            (200, record)
-                        } else {
-                            (202, accepted)
+                        let (status, content_type, body) = match lookup_ts {
+                            Some(ts) => {
+                                let n = nonces.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let mut nonce = [0u8; 12];
+                                nonce[..8].copy_from_slice(&n.to_le_bytes());
+                                let sealed = seal_key.seal(
+                                    nonce,
+                                    &client_record_context("server", ts),
+                                    &record,
+                                );
+                                (200, SEALED_RECORD_CONTENT_TYPE, Bytes::from(sealed))
+                            }
+                            None => (202, "application/json", accepted),
                         };
                         Ok::<_, Infallible>(
                             hyper::Response::builder()
                                 .status(status)
-                                .header("content-type", "application/json")
+                                .header("content-type", content_type)
                                 .body(Full::new(body))
                                 .unwrap(),
                         )
@@ -152,6 +177,9 @@ fn bench(c: &mut Criterion) {
         ("aggregator_url".to_owned(), url),
         ("edge_key_id".to_owned(), "bench".to_owned()),
         ("edge_key_secret".to_owned(), EDGE_SECRET.to_owned()),
+        // Thousands of requests from one address: the per-address limit
+        // would answer most of them 429 before the pipeline runs.
+        ("ip_requests_per_minute".to_owned(), "0".to_owned()),
     ]);
     let mut cfg = HostConfig::new(component());
     cfg.variables = vars;
@@ -170,6 +198,9 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| host.handle(signed_request(&body), peer))
     });
+    // And still after thousands of them (no limit kicked in).
+    let resp = rt.block_on(host.handle(signed_request(&body), peer));
+    assert_eq!(resp.status(), 202, "{resp:?}");
     // The same batch with a wrong signature: parsed and verified, then
     // refused — no KV, no frame, no forward. The difference to the above is
     // the frame and the round trip to the aggregator.
@@ -218,6 +249,7 @@ fn bench(c: &mut Criterion) {
             ("aggregator_url".to_owned(), rt.block_on(stand_in())),
             ("edge_key_id".to_owned(), "bench".to_owned()),
             ("edge_key_secret".to_owned(), EDGE_SECRET.to_owned()),
+            ("ip_requests_per_minute".to_owned(), "0".to_owned()),
         ]);
         cfg
     })
