@@ -119,6 +119,11 @@ pub struct Limits {
     /// Most linear memory one instance may have, in bytes; growing past it
     /// traps (`500`).
     pub memory_bytes: usize,
+    /// Most instances alive at once (requests inside the component). They
+    /// come from a pool of this many slots, set up once and reused, not
+    /// mapped afresh per request; a request finding every slot taken waits
+    /// for one until its deadline, then gets `503` / 50302.
+    pub max_instances: u32,
     /// Largest request body handed to the guest, in bytes. Larger bodies
     /// are refused with `413` code 41302 (before the guest runs when
     /// `Content-Length` says so). Keep it above the guest's own bound
@@ -139,6 +144,7 @@ impl Default for Limits {
         Limits {
             deadline_ms: 10_000,
             memory_bytes: 64 << 20,
+            max_instances: 256,
             max_request_body_bytes: (1 << 20) + (64 << 10),
             max_response_body_bytes: 8 << 20,
             outbound_timeout_ms: 10_000,

@@ -35,7 +35,9 @@ use outpost_shared::error::{ErrorCode, is_acceptable_request_id};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline,
+};
 use wasmtime_wasi_http::Error as HttpError;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
 use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode as WasiErrorCode;
@@ -79,6 +81,8 @@ pub type ResponseBody = Full<Bytes>;
 /// enabled (the guest's outbound HTTP and the deadline use them).
 pub struct EdgeHost {
     pre: ServicePre<RequestState>,
+    /// One permit per slot of the instance pool.
+    instances: Arc<tokio::sync::Semaphore>,
     shared: Arc<Shared>,
     limits: Limits,
     /// The component's own body limit (its `max_body_bytes`), named when
@@ -142,6 +146,28 @@ impl HostMetrics {
     }
 }
 
+/// Core instances, memories and tables one instance of the component may
+/// use: wit-component links the guest's module with a few small shims and
+/// adapters (each a core instance with a table or a memory); the pool
+/// reserves this many per slot.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 16;
+
+/// The instance pool: `limits.max_instances` slots, each with room for one
+/// instance of the component and `limits.memory_bytes` of linear memory.
+fn pool(limits: &Limits) -> PoolingAllocationConfig {
+    let n = limits.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .total_memories(n.saturating_mul(MEMORIES_PER_COMPONENT))
+        .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
+        .total_stacks(n)
+        .max_memory_size(limits.memory_bytes);
+    pool
+}
+
 impl EdgeHost {
     /// Loads and compiles the component, links WASI, `wasi:http` and the
     /// Spin interfaces, and checks that everything the component imports is
@@ -158,6 +184,7 @@ impl EdgeHost {
         // imports are async functions.
         config.wasm_component_model_async(true);
         config.epoch_interruption(true);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(&cfg.limits)));
         let engine = Engine::new(&config)?;
 
         let started = Instant::now();
@@ -212,6 +239,9 @@ impl EdgeHost {
             });
         Ok(EdgeHost {
             pre,
+            instances: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits.max_instances.max(1) as usize
+            )),
             guest_body_limit,
             counters: Arc::default(),
             shared: Arc::new(Shared {
@@ -275,16 +305,73 @@ impl EdgeHost {
             );
         }
         prepare(&mut parts, peer, &request_id);
-        let body = Limited::new(body, max_body).map_err(move |e| body_error(e, max_body));
-        let req = Request::from_parts(parts, body);
-
         let deadline = Duration::from_millis(self.limits.deadline_ms);
+        let interrupt_at = started + deadline;
+        // The whole body is read before an instance is taken: a client
+        // trickling its body holds a connection, never one of the pool's
+        // instances (bounded by `max_request_body_bytes` and the deadline).
+        let read = Limited::new(body, max_body).collect();
+        let body = match tokio::time::timeout_at(interrupt_at.into(), read).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(e)) if e.is::<LengthLimitError>() => {
+                return envelope::response(
+                    ErrorCode::BodyTooLarge,
+                    format!(
+                        "the request body is larger than {} bytes (after decompression)",
+                        self.guest_body_limit
+                    ),
+                    &request_id,
+                    None,
+                );
+            }
+            Ok(Err(e)) => {
+                debug!(%request_id, error = %e, "reading the request body failed");
+                return envelope::response(
+                    ErrorCode::MalformedJson,
+                    "the request body could not be read",
+                    &request_id,
+                    None,
+                );
+            }
+            Err(_) => {
+                return envelope::response(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "the request body did not arrive within the request's {} ms deadline",
+                        self.limits.deadline_ms
+                    ),
+                    &request_id,
+                    Some(self.limits.retry_after_secs),
+                );
+            }
+        };
+        let req = Request::from_parts(parts, Full::new(body).map_err(|never| match never {}));
+
+        // A slot of the instance pool, held until the store is gone (it is
+        // declared after, so it is dropped first).
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(
+            interrupt_at.into(),
+            Arc::clone(&self.instances).acquire_owned(),
+        )
+        .await
+        else {
+            warn!(%request_id, "every instance slot stayed taken until the deadline");
+            return envelope::response(
+                ErrorCode::Overloaded,
+                format!(
+                    "every one of the edge's {} instances stayed busy until the request's {} ms deadline; retry later",
+                    self.limits.max_instances.max(1),
+                    self.limits.deadline_ms
+                ),
+                &request_id,
+                Some(self.limits.retry_after_secs),
+            );
+        };
         let mut store = Store::new(
             self.pre.engine(),
             RequestState::new(Arc::clone(&self.shared), &self.limits),
         );
         store.limiter(|s| &mut s.limiter);
-        let interrupt_at = started + deadline;
         store.epoch_deadline_callback(move |_| {
             Ok(if Instant::now() >= interrupt_at {
                 UpdateDeadline::Interrupt
@@ -533,18 +620,6 @@ fn prepare(parts: &mut http::request::Parts, peer: SocketAddr, request_id: &str)
     }
     if let Ok(v) = HeaderValue::try_from(request_id) {
         headers.insert(REQUEST_ID, v);
-    }
-}
-
-/// What the guest sees when reading the request body fails: the bound as
-/// `wasi:http`'s body-size error, anything else as the transport error.
-fn body_error(e: Box<dyn StdError + Send + Sync>, max: usize) -> HttpError {
-    if e.is::<LengthLimitError>() {
-        return HttpError::HttpRequestBodySize(Some(max as u64));
-    }
-    match e.downcast::<hyper::Error>() {
-        Ok(e) => HttpError::Hyper(*e),
-        Err(_) => HttpError::HttpProtocolError,
     }
 }
 

@@ -390,6 +390,53 @@ async fn a_request_past_its_deadline_is_stopped_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_finding_every_instance_busy_waits_until_its_deadline_then_gets_503() {
+    let agg = Aggregator::start().await;
+    let mut cfg = HostConfig::new(component());
+    cfg.variables = agg.variables();
+    cfg.variables
+        .insert("upstream_timeout_ms".into(), "30000".into());
+    cfg.limits.deadline_ms = 1_000;
+    cfg.limits.max_instances = 1;
+    let edge = Edge::start(cfg).await;
+
+    // The one instance: a guest waiting on an aggregator that never
+    // answers, until its deadline and the grace after it.
+    let addr = edge.addr;
+    let hung = tokio::spawn(async move {
+        send(addr, None, post_batch("/v1/batch?write_key=hang"), BATCH).await
+    });
+    let until = Instant::now() + Duration::from_secs(5);
+    while agg.seen().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "the guest never asked the aggregator"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Any other request waits for it, and gives up at its own deadline.
+    let started = Instant::now();
+    let waiting = send(edge.addr, None, get("/nope"), "").await;
+    assert_eq!(waiting.status, 503, "{}", waiting.json);
+    assert_eq!(waiting.code(), 50302);
+    assert!(
+        waiting.message().contains("1 instances stayed busy"),
+        "{}",
+        waiting.json
+    );
+    assert_eq!(waiting.headers["retry-after"], "1");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let hung = hung.await.unwrap();
+    assert_eq!(hung.status, 503, "{}", hung.json);
+    assert!(hung.message().contains("still waiting"), "{}", hung.json);
+
+    // The instance is back in the pool: the next request is served.
+    let nope = send(edge.addr, None, get("/nope"), "").await;
+    assert_eq!(nope.status, 404, "{}", nope.json);
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_come_and_go_but_connections_to_the_aggregator_are_kept_alive() {
     let agg = Aggregator::start().await;
     let mut cfg = HostConfig::new(component());
