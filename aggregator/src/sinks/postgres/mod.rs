@@ -675,6 +675,19 @@ fn build(config: &crate::config::Config) -> super::Building<'_> {
         // query is cut off, and it cannot take the sink's connections.
         let read = crate::db::read_pool(&config.postgres, config.read_api.statement_timeout_ms)?;
         let (pool, retention_days) = (sink.pool().clone(), config.postgres.retention_days);
+        // Today's partitions before the first write, so that rows land in
+        // their day rather than in the default partition and need moving
+        // (bounded: a database that is away is the hourly task's to retry).
+        let first = partitions::maintain(&pool, retention_days, std::time::SystemTime::now());
+        match tokio::time::timeout(std::time::Duration::from_secs(10), first).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "PostgreSQL partitions not made at start; retrying in the background")
+            }
+            Err(_) => tracing::warn!(
+                "PostgreSQL partitions not made within 10 s of start; retrying in the background"
+            ),
+        }
         Ok(
             super::Configured::new(sink, Some(crate::db::Db::Postgres(read))).with_task(
                 move |ctx, stop| {

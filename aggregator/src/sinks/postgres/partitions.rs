@@ -290,8 +290,28 @@ async fn create(
     ))
     .execute(&mut *tx)
     .await?;
-    if let Some(default) = default {
-        let from = |n: usize| table.from_minutes.replace("$1", &format!("${n}"));
+    let from = |n: usize| table.from_minutes.replace("$1", &format!("${n}"));
+    let strays =
+        match default {
+            Some(default) => sqlx::query_scalar::<_, bool>(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {default} WHERE {column} >= {} AND {column} < {})",
+                from(1),
+                from(2)
+            ))
+            .bind(lo)
+            .bind(hi)
+            .fetch_one(&mut *tx)
+            .await?,
+            None => false,
+        };
+    if let (Some(default), true) = (default, strays) {
+        // Rows move: nobody may read or write the table meanwhile, or a
+        // query planned before the new partition was attached would look
+        // for them only where they were (the default partition) and miss
+        // them. Rare: the keeper creates days before rows need them.
+        sqlx::query(&format!("LOCK TABLE {parent} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(&format!(
             "WITH moved AS (DELETE FROM {default} WHERE {column} >= {} AND {column} < {} RETURNING *) \
              INSERT INTO {name} SELECT * FROM moved",
