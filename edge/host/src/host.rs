@@ -292,17 +292,7 @@ impl EdgeHost {
         let request_id = request_id(&parts.headers);
         let max_body = self.limits.max_request_body_bytes;
         if declared_length(&parts.headers).is_some_and(|n| n > max_body as u64) {
-            // Named as the component would name it: its limit is the
-            // documented one; this host's own bound only stops reading.
-            return envelope::response(
-                ErrorCode::BodyTooLarge,
-                format!(
-                    "the request body is larger than {} bytes (after decompression)",
-                    self.guest_body_limit
-                ),
-                &request_id,
-                None,
-            );
+            return self.body_too_large(&request_id);
         }
         prepare(&mut parts, peer, &request_id);
         let deadline = Duration::from_millis(self.limits.deadline_ms);
@@ -314,15 +304,7 @@ impl EdgeHost {
         let body = match tokio::time::timeout_at(interrupt_at.into(), read).await {
             Ok(Ok(body)) => body.to_bytes(),
             Ok(Err(e)) if e.is::<LengthLimitError>() => {
-                return envelope::response(
-                    ErrorCode::BodyTooLarge,
-                    format!(
-                        "the request body is larger than {} bytes (after decompression)",
-                        self.guest_body_limit
-                    ),
-                    &request_id,
-                    None,
-                );
+                return self.body_too_large(&request_id);
             }
             Ok(Err(e)) => {
                 debug!(%request_id, error = %e, "reading the request body failed");
@@ -435,6 +417,21 @@ impl EdgeHost {
     /// `running` tells which bound fired (the guest was interrupted, or it
     /// was still waiting); the caller's answer is the same, the message
     /// helps whoever reads the log or tunes the deadline.
+    /// A body over the host's bound (declared or read), named as the
+    /// component would name it: its limit is the documented one; this
+    /// host's own bound only stops reading.
+    fn body_too_large(&self, request_id: &str) -> Response<ResponseBody> {
+        envelope::response(
+            ErrorCode::BodyTooLarge,
+            format!(
+                "the request body is larger than {} bytes (after decompression)",
+                self.guest_body_limit
+            ),
+            request_id,
+            None,
+        )
+    }
+
     fn deadline_response(&self, request_id: &str, running: bool) -> Response<ResponseBody> {
         let what = if running {
             "ran past"
