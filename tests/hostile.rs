@@ -191,7 +191,7 @@ async fn the_influxdb_sink_writes_no_breakable_line_even_past_validation() {
     .unwrap();
     let mut evs = events(900, 0..50);
     for (i, e) in evs.iter_mut().enumerate() {
-        e.properties.clear();
+        e.properties = Default::default();
         e.properties.insert(format!("k{i}\nevil=1 2"), json!(1.0));
         e.properties.insert("trail\\".into(), json!(2.0));
         e.properties.insert("a b,c=d".into(), json!(3.0));

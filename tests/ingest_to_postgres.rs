@@ -154,7 +154,7 @@ async fn copy_and_its_insert_fallback_store_and_count_the_same_values() {
         assert_eq!(name, &e.name);
         assert_eq!(message, &e.message);
         assert_eq!(user_id, &e.user_id);
-        assert_eq!(properties, &Value::Object(e.properties.clone()));
+        assert_eq!(properties, &Value::Object(e.properties.to_map()));
     }
 
     // Both paths store the same values, column by column.

@@ -9,9 +9,9 @@ use core::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_json::{Map, Value};
 
 pub use crate::id::EventId;
+pub use crate::properties::Properties;
 
 /// Milliseconds since the Unix epoch, UTC. In JSON: an RFC 3339 string
 /// (`"2026-11-26T14:00:00.123Z"`, any offset accepted on input) or an integer
@@ -278,9 +278,10 @@ pub struct Event {
     /// The session the event belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
-    /// Free-form properties: a JSON object, bounded in depth and size.
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub properties: Map<String, Value>,
+    /// Free-form properties: a JSON object, bounded in depth and size,
+    /// kept as the text the client sent.
+    #[serde(default, skip_serializing_if = "Properties::is_empty")]
+    pub properties: Properties,
     /// The app and device.
     #[serde(
         default,
@@ -315,7 +316,7 @@ impl Event {
             user_id: None,
             anonymous_id: None,
             session_id: None,
-            properties: Map::new(),
+            properties: Properties::default(),
             context: Context::default(),
             trace_id: None,
             span_id: None,

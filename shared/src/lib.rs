@@ -13,6 +13,7 @@
 //! * [`client`]: client records, the unit of authentication and limits;
 //! * [`seal`]: client records sealed under keys derived from the edge key;
 //! * [`id`]: `ClientId` and `EventId`, so the two cannot be mixed up.
+//! * [`properties`]: an event's free-form properties, kept as JSON text.
 //!
 //! Time is always an argument (milliseconds or seconds since the epoch),
 //! never read from a clock here: every rule is deterministic under test.
@@ -27,6 +28,7 @@ pub mod event;
 pub mod frame;
 pub mod id;
 pub mod kv;
+pub mod properties;
 pub mod ratelimit;
 pub mod sample;
 pub mod seal;

@@ -23,17 +23,16 @@ pub fn typical_events(n: usize) -> Vec<Event> {
             e.user_id = (i % 3 != 0).then(|| format!("user-{}", i % 17));
             e.anonymous_id = Some("a7f3c2e1-90b4-4d8e-8c2a-5f1e3d7b9a06".into());
             e.session_id = Some(format!("sess-{}", i / 50));
-            e.properties = match json!({
+            e.properties = json!({
                 "path": format!("/products/{}", i % 40),
                 "referrer": "https://www.example.com/search?q=shoes",
                 "title": "Running shoes | Example Store",
                 "viewport_width": 1280 + (i % 3) * 100,
                 "price": 49.95 + (i % 7) as f64,
                 "in_stock": i % 5 != 0,
-            }) {
-                serde_json::Value::Object(m) => m,
-                _ => unreachable!(),
-            };
+            })
+            .try_into()
+            .expect("an object");
             e.context = Context {
                 app_version: Some("4.12.0".into()),
                 platform: Some("web".into()),

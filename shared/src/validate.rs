@@ -14,7 +14,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::error::{ErrorCode, FieldError};
-use crate::event::{Event, Kind, Level, Timestamp};
+use crate::event::{Event, Kind, Level, Properties, Timestamp};
 
 /// Every bound validation applies. The defaults are the documented limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -573,12 +573,7 @@ pub fn validate_event(
         );
     }
 
-    let mut budget = PropertyBudget { entries: 0, limits };
-    for (key, value) in &event.properties {
-        budget.visit_key(key, "properties")?;
-        budget.visit(value, 1, "properties")?;
-    }
-    Ok(())
+    check_properties(&event.properties, limits)
 }
 
 /// Fills in what an event may leave out: `timestamp` (the edge's arrival
@@ -659,72 +654,179 @@ fn nul_error(field: &str) -> FieldError {
     )
 }
 
-struct PropertyBudget<'a> {
-    entries: usize,
-    limits: &'a Limits,
+/// Checks `properties` in one pass over its text, building nothing:
+/// nesting depth, the number of keys and elements, each key's length and
+/// characters, no U+0000 in any string.
+fn check_properties(properties: &Properties, limits: &Limits) -> Result<(), FieldError> {
+    if properties.is_empty() {
+        return Ok(());
+    }
+    let mut scan = PropertyScan {
+        entries: 0,
+        limits,
+        refused: None,
+    };
+    let mut de = serde_json::Deserializer::from_str(properties.get());
+    let scanned = ScanValue {
+        scan: &mut scan,
+        depth: 0,
+    }
+    .deserialize(&mut de);
+    match (scanned, scan.refused) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(refused)) => Err(refused),
+        // What only a full parse finds (a lone surrogate escape, a number
+        // out of range): refused as the whole-event parse used to refuse it.
+        (Err(e), None) if e.classify() == serde_json::error::Category::Data => {
+            Err(FieldError::new(
+                ErrorCode::InvalidField,
+                Some("properties"),
+                strip_position(&e.to_string()),
+            ))
+        }
+        (Err(e), None) => Err(FieldError::new(
+            ErrorCode::MalformedJson,
+            None,
+            strip_position(&e.to_string()),
+        )),
+    }
 }
 
-impl PropertyBudget<'_> {
-    fn count(&mut self) -> Result<(), FieldError> {
+/// What the scan has counted, and the rule it found broken.
+struct PropertyScan<'a> {
+    entries: usize,
+    limits: &'a Limits,
+    refused: Option<FieldError>,
+}
+
+impl PropertyScan<'_> {
+    /// Records why the scan stops; the parser's own error is only a signal.
+    fn refuse<E: serde::de::Error>(&mut self, e: FieldError) -> E {
+        self.refused = Some(e);
+        E::custom("refused")
+    }
+
+    fn count<E: serde::de::Error>(&mut self) -> Result<(), E> {
         self.entries += 1;
         if self.entries > self.limits.max_property_entries {
-            return Err(FieldError::new(
+            let max = self.limits.max_property_entries;
+            return Err(self.refuse(FieldError::new(
                 ErrorCode::TooManyProperties,
                 Some("properties"),
-                format!(
-                    "properties hold more than {} keys and elements",
-                    self.limits.max_property_entries
-                ),
-            ));
+                format!("properties hold more than {max} keys and elements"),
+            )));
         }
         Ok(())
     }
 
-    fn visit_key(&mut self, key: &str, at: &str) -> Result<(), FieldError> {
+    fn key<E: serde::de::Error>(&mut self, key: &str) -> Result<(), E> {
         self.count()?;
-        if key.len() > self.limits.max_property_key_bytes {
-            return Err(FieldError::new(
+        let max = self.limits.max_property_key_bytes;
+        if key.len() > max {
+            return Err(self.refuse(FieldError::new(
                 ErrorCode::StringTooLong,
-                Some(at),
-                format!(
-                    "a property key is longer than {} bytes",
-                    self.limits.max_property_key_bytes
-                ),
-            ));
+                Some("properties"),
+                format!("a property key is longer than {max} bytes"),
+            )));
         }
         if has_control(key) {
-            return Err(control_error(at, "a property key"));
+            return Err(self.refuse(control_error("properties", "a property key")));
         }
         Ok(())
     }
 
-    /// `depth` is the nesting level of the container holding `value`.
-    fn visit(&mut self, value: &Value, depth: usize, at: &str) -> Result<(), FieldError> {
-        let too_deep = || Err(too_deep(self.limits));
-        match value {
-            Value::String(s) if s.contains('\0') => Err(nul_error(at)),
-            Value::Array(items) => {
-                if depth + 1 > self.limits.max_property_depth {
-                    return too_deep();
-                }
-                for item in items {
-                    self.count()?;
-                    self.visit(item, depth + 1, at)?;
-                }
-                Ok(())
-            }
-            Value::Object(map) => {
-                if depth + 1 > self.limits.max_property_depth {
-                    return too_deep();
-                }
-                for (k, v) in map {
-                    self.visit_key(k, at)?;
-                    self.visit(v, depth + 1, at)?;
-                }
-                Ok(())
-            }
-            _ => Ok(()),
+    /// A container opens inside one at `depth`.
+    fn open<E: serde::de::Error>(&mut self, depth: usize) -> Result<(), E> {
+        if depth + 1 > self.limits.max_property_depth {
+            let e = too_deep(self.limits);
+            return Err(self.refuse(e));
         }
+        Ok(())
+    }
+}
+
+/// One value inside `properties`; `depth` is the nesting level of the
+/// container holding it (0 for the object itself).
+struct ScanValue<'s, 'l> {
+    scan: &'s mut PropertyScan<'l>,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ScanValue<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScanValue<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<(), E> {
+        if s.contains('\0') {
+            return Err(self.scan.refuse(nul_error("properties")));
+        }
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.scan.open(self.depth)?;
+        loop {
+            let item = ScanValue {
+                scan: &mut *self.scan,
+                depth: self.depth + 1,
+            };
+            if seq.next_element_seed(item)?.is_none() {
+                return Ok(());
+            }
+            self.scan.count()?;
+        }
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.scan.open(self.depth)?;
+        while map.next_key_seed(ScanKey(&mut *self.scan))?.is_some() {
+            map.next_value_seed(ScanValue {
+                scan: &mut *self.scan,
+                depth: self.depth + 1,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A key inside `properties`.
+struct ScanKey<'s, 'l>(&'s mut PropertyScan<'l>);
+
+impl<'de> DeserializeSeed<'de> for ScanKey<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScanKey<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<(), E> {
+        self.0.key(key)
     }
 }
 
@@ -1025,6 +1127,43 @@ mod tests {
         assert_eq!(log.level, Some(Level::Info));
     }
 
+    /// Properties are checked on their text, with no tree built: what
+    /// only the text can hold must still be judged as a parser would.
+    #[test]
+    fn properties_text_is_judged_escapes_decoded_and_kept_verbatim() {
+        let event =
+            |props: &str| format!(r#"{{"event_id":"{ID}","name":"n","properties":{props}}}"#);
+        let judge = |props: &str| parse_event(event(props).as_bytes(), &Limits::default(), NOW);
+        let cases: [(&str, ErrorCode); 7] = [
+            (r#"{"a":"x\u0000y"}"#, ErrorCode::InvalidField),
+            (r#"{"a":["\u0000"]}"#, ErrorCode::InvalidField),
+            (r#"{"a\u000ab":1}"#, ErrorCode::InvalidCharacter),
+            (r#"{"a\u007f":1}"#, ErrorCode::InvalidCharacter),
+            // PostgreSQL's jsonb refuses a lone surrogate: so must we.
+            (r#"{"a":"\ud800"}"#, ErrorCode::MalformedJson),
+            (r#"{"\udc00":1}"#, ErrorCode::MalformedJson),
+            (r#"{"a":1e400}"#, ErrorCode::MalformedJson),
+        ];
+        for (props, code) in cases {
+            let err = judge(props).expect_err(props);
+            assert_eq!(err.code, code, "{props}: {err:?}");
+        }
+        // A key given twice counts twice.
+        let limits = Limits {
+            max_property_entries: 2,
+            ..Limits::default()
+        };
+        let twice = event(r#"{"a":1,"a":2,"a":3}"#);
+        let err = parse_event(twice.as_bytes(), &limits, NOW).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooManyProperties);
+        // Accepted text is stored as sent: spacing, escapes, number spelling.
+        let sent =
+            r#"{ "price" : 1.10, "path":"\/a\u00e9", "big": 123456789012345678901234567890 }"#;
+        let e = judge(sent).unwrap();
+        assert_eq!(e.properties.get(), sent);
+        assert_eq!(e.properties.to_map()["path"], "/a\u{e9}");
+    }
+
     #[test]
     fn property_entries_are_counted_at_every_level() {
         let limits = Limits {
@@ -1274,7 +1413,7 @@ mod tests {
     #[test]
     fn floats_survive_parsing_exactly() {
         let e = one(ev(json!({"properties": {"x": 904138111333.0605_f64}}))).unwrap();
-        assert_eq!(e.properties["x"].as_f64(), Some(904138111333.0605));
+        assert_eq!(e.properties.to_map()["x"].as_f64(), Some(904138111333.0605));
     }
 
     #[test]

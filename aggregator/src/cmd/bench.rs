@@ -446,7 +446,7 @@ async fn copy_baseline(
             opt(e.user_id.as_deref()),
             opt(e.anonymous_id.as_deref()),
             opt(e.session_id.as_deref()),
-            esc(&serde_json::to_string(&e.properties)?),
+            esc(e.properties.get()),
             esc(&serde_json::to_string(&e.context)?),
             opt(e.context.app_version.as_deref()),
             opt(e.context.platform.as_deref()),

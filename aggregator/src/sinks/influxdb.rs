@@ -193,14 +193,11 @@ impl InfluxSink {
                 }
             }
             let mut fields = line.field("count", 1i64);
-            for (k, v) in &e.properties {
-                if !writable_key(k) {
-                    continue;
-                }
-                if let Some(n) = v.as_f64().filter(|n| n.is_finite()) {
+            for (k, n) in e.properties.numbers() {
+                if writable_key(&k) && n.is_finite() {
                     key.clear();
                     key.push_str("p_");
-                    key.push_str(k);
+                    key.push_str(&k);
                     fields = fields.field(&key, n);
                 }
             }
@@ -488,10 +485,11 @@ mod tests {
         ];
         let mut batch = typical_batch(3);
         for e in &mut batch.events {
-            e.properties.clear();
+            let mut props = serde_json::Map::new();
             for (i, k) in hostile_keys.iter().enumerate() {
-                e.properties.insert((*k).to_owned(), (i as f64).into());
+                props.insert((*k).to_owned(), (i as f64).into());
             }
+            e.properties = props.into();
             e.name = Some("evil\nname,x=1 y".into());
             e.context.platform = Some("web\\".into());
             e.context.app_version = Some("1.0\r\n2".into());

@@ -71,9 +71,9 @@ impl Row<'_> {
             .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
     }
 
-    /// `properties` as JSON text.
-    pub fn properties_json(&self) -> String {
-        serde_json::to_string(&self.event.properties).unwrap_or_else(|_| "{}".into())
+    /// `properties` as JSON text, as the client sent it.
+    pub fn properties_json(&self) -> &str {
+        self.event.properties.get()
     }
 
     /// `context` as JSON text.

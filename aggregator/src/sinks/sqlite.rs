@@ -100,7 +100,7 @@ impl SqliteSink {
                     .push_bind(e.user_id.clone())
                     .push_bind(e.anonymous_id.clone())
                     .push_bind(e.session_id.clone())
-                    .push_bind(r.properties_json())
+                    .push_bind(r.properties_json().to_owned())
                     .push_bind(r.context_json())
                     .push_bind(e.context.app_version.clone())
                     .push_bind(e.context.platform.clone())

@@ -355,7 +355,7 @@ prop_compose! {
             timestamp: Some(Timestamp(ts)),
             kind: if log { Kind::Log } else { Kind::Event },
             name, message, level, user_id, anonymous_id, session_id,
-            properties: props.into_iter().collect(),
+            properties: props.into_iter().collect::<serde_json::Map<_, _>>().into(),
             context: Context {
                 app_version: ctx[0].clone(), platform: ctx[1].clone(), device_model: ctx[2].clone(), os: ctx[3].clone(),
                 os_version: ctx[4].clone(), locale: ctx[5].clone(), library_name: ctx[6].clone(), library_version: ctx[7].clone(),

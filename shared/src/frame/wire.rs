@@ -16,12 +16,11 @@
 //!
 //! Trace and span ids travel as raw bytes (16 and 8), not hex.
 
-use serde_json::{Map, Value};
-
 use super::Batch;
 use crate::event::{
     Context as EventContext, EdgeFacts, Event as DomainEvent, Kind, Level, Priority, Timestamp,
 };
+use crate::properties::{Properties, PropertiesError};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct Body {
@@ -129,6 +128,9 @@ pub enum WireError {
     /// `properties` is not a JSON object.
     #[error("properties are not a JSON object")]
     PropertiesNotObject,
+    /// `properties` is not UTF-8.
+    #[error("properties are not UTF-8")]
+    PropertiesNotUtf8,
     /// `properties` is not JSON.
     #[error("properties: {0}")]
     Properties(#[from] serde_json::Error),
@@ -293,10 +295,11 @@ impl Event {
             user_id: e.user_id.clone(),
             anonymous_id: e.anonymous_id.clone(),
             session_id: e.session_id.clone(),
+            // As the client sent it: the edge never re-serialises it.
             properties_json: if e.properties.is_empty() {
                 Vec::new()
             } else {
-                serde_json::to_vec(&e.properties).unwrap_or_default()
+                e.properties.get().as_bytes().to_vec()
             },
             context,
             trace_id: hex_to_wire(e.trace_id.as_deref(), 16)?,
@@ -311,13 +314,14 @@ impl Event {
 
     fn into_domain(self) -> Result<DomainEvent, WireError> {
         let properties = if self.properties_json.is_empty() {
-            Map::new()
+            Properties::default()
         } else {
-            match serde_json::from_slice::<Value>(&self.properties_json) {
-                Ok(Value::Object(m)) => m,
-                Ok(_) => return Err(WireError::PropertiesNotObject),
-                Err(e) => return Err(e.into()),
-            }
+            let text = String::from_utf8(self.properties_json)
+                .map_err(|_| WireError::PropertiesNotUtf8)?;
+            Properties::from_json(text).map_err(|e| match e {
+                PropertiesError::NotObject => WireError::PropertiesNotObject,
+                PropertiesError::Json(e) => WireError::Properties(e),
+            })?
         };
         let context = self
             .context

@@ -355,7 +355,7 @@ impl Columns {
         self.user_id.push(e.user_id.clone());
         self.anonymous_id.push(e.anonymous_id.clone());
         self.session_id.push(e.session_id.clone());
-        self.properties.push(r.properties_json());
+        self.properties.push(r.properties_json().to_owned());
         self.context.push(r.context_json());
         self.app_version.push(e.context.app_version.clone());
         self.platform.push(e.context.platform.clone());
@@ -460,7 +460,8 @@ impl CopyText {
         self.opt(e.user_id.as_deref());
         self.opt(e.anonymous_id.as_deref());
         self.opt(e.session_id.as_deref());
-        self.json(&e.properties);
+        // Already JSON text: escaped for COPY, never parsed here.
+        self.text(e.properties.get());
         self.json(&e.context);
         self.opt(e.context.app_version.as_deref());
         self.opt(e.context.platform.as_deref());
