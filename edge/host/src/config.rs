@@ -124,6 +124,11 @@ pub struct Limits {
     /// mapped afresh per request; a request finding every slot taken waits
     /// for one until its deadline, then gets `503` / 50302.
     pub max_instances: u32,
+    /// Most open client connections. Each may hold a request body of up to
+    /// `max_request_body_bytes` while it arrives, so this also bounds the
+    /// memory that slow senders can take; a connection past it is closed
+    /// at once (counted in `outpost_edge_connections_refused_total`).
+    pub max_connections: u32,
     /// Largest request body handed to the guest, in bytes. Larger bodies
     /// are refused with `413` code 41302 (before the guest runs when
     /// `Content-Length` says so). Keep it above the guest's own bound
@@ -145,6 +150,7 @@ impl Default for Limits {
             deadline_ms: 10_000,
             memory_bytes: 64 << 20,
             max_instances: 256,
+            max_connections: 1024,
             max_request_body_bytes: (1 << 20) + (64 << 10),
             max_response_body_bytes: 8 << 20,
             outbound_timeout_ms: 10_000,

@@ -83,6 +83,8 @@ pub struct EdgeHost {
     pre: ServicePre<RequestState>,
     /// One permit per slot of the instance pool.
     instances: Arc<tokio::sync::Semaphore>,
+    /// One permit per open client connection.
+    connections: Arc<tokio::sync::Semaphore>,
     shared: Arc<Shared>,
     limits: Limits,
     /// The component's own body limit (its `max_body_bytes`), named when
@@ -91,10 +93,11 @@ pub struct EdgeHost {
     counters: Arc<Counters>,
 }
 
-/// Requests answered, by status class.
+/// Requests answered, by status class, and connections turned away.
 #[derive(Default)]
 struct Counters {
     by_class: [AtomicU64; 5],
+    connections_refused: AtomicU64,
 }
 
 /// A handle on the host's metrics, usable after [`EdgeHost::serve`] took
@@ -103,6 +106,8 @@ struct Counters {
 pub struct HostMetrics {
     shared: Arc<Shared>,
     counters: Arc<Counters>,
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
 }
 
 impl HostMetrics {
@@ -142,6 +147,17 @@ impl HostMetrics {
                 self.counters.by_class[i].load(Ordering::Relaxed)
             );
         }
+        out.push_str("# HELP outpost_edge_connections Client connections open now (at most limits.max_connections).\n# TYPE outpost_edge_connections gauge\n");
+        let open = self
+            .max_connections
+            .saturating_sub(self.connections.available_permits());
+        let _ = writeln!(out, "outpost_edge_connections {open}");
+        out.push_str("# HELP outpost_edge_connections_refused_total Client connections closed on arrival because limits.max_connections were open.\n# TYPE outpost_edge_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "outpost_edge_connections_refused_total {}",
+            self.counters.connections_refused.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -242,6 +258,9 @@ impl EdgeHost {
             instances: Arc::new(tokio::sync::Semaphore::new(
                 cfg.limits.max_instances.max(1) as usize
             )),
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                cfg.limits.max_connections.max(1) as usize,
+            )),
             guest_body_limit,
             counters: Arc::default(),
             shared: Arc::new(Shared {
@@ -279,6 +298,8 @@ impl EdgeHost {
         HostMetrics {
             shared: Arc::clone(&self.shared),
             counters: Arc::clone(&self.counters),
+            connections: Arc::clone(&self.connections),
+            max_connections: self.limits.max_connections.max(1) as usize,
         }
     }
 
@@ -476,6 +497,16 @@ impl EdgeHost {
                 },
                 () = &mut shutdown => break,
             };
+            // Past the cap the connection is closed before anything is
+            // read from it: no request body, no descriptor held.
+            let Ok(slot) = Arc::clone(&host.connections).try_acquire_owned() else {
+                host.counters
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, "connection refused: limits.max_connections are open");
+                drop(stream);
+                continue;
+            };
             let host = Arc::clone(&host);
             let service = hyper::service::service_fn(move |req| {
                 let host = Arc::clone(&host);
@@ -490,6 +521,7 @@ impl EdgeHost {
                 if let Err(e) = conn.await {
                     debug!(%peer, error = %e, "connection ended with an error");
                 }
+                drop(slot);
             });
         }
         drop(listener);

@@ -132,6 +132,7 @@ impl Aggregator {
 /// A running host: its address, and how to stop it.
 struct Edge {
     addr: SocketAddr,
+    metrics: outpost_edge_host::HostMetrics,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -143,12 +144,14 @@ impl Edge {
         eprintln!("EdgeHost::new (compile + link): {:?}", started.elapsed());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = host.metrics();
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(host.serve(listener, async {
             let _ = stopped.await;
         }));
         Edge {
             addr,
+            metrics,
             stop: Some(stop),
             done,
         }
@@ -433,6 +436,70 @@ async fn a_request_finding_every_instance_busy_waits_until_its_deadline_then_get
     // The instance is back in the pool: the next request is served.
     let nope = send(edge.addr, None, get("/nope"), "").await;
     assert_eq!(nope.status, 404, "{}", nope.json);
+    edge.shutdown().await;
+}
+
+/// The value of one unlabelled metric.
+fn metric(edge: &Edge, name: &str) -> u64 {
+    let text = edge.metrics.render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_on_arrival_and_slow_senders_hold_no_more() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agg = Aggregator::start().await;
+    let mut cfg = HostConfig::new(component());
+    cfg.variables = agg.variables();
+    cfg.limits.max_connections = 2;
+    let edge = Edge::start(cfg).await;
+
+    // Two senders announce a body and send none of it: each holds a
+    // connection (and would hold the body's buffer), nothing more.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(edge.addr).await.unwrap();
+        s.write_all(b"POST /v1/batch?write_key=slow HTTP/1.1\r\nhost: e\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while metric(&edge, "outpost_edge_connections") < 2 {
+        assert!(Instant::now() < until, "the slow senders never got in");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A third connection is closed before a byte of it is read.
+    let mut third = TcpStream::connect(edge.addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /nope HTTP/1.1\r\nhost: e\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("closed at once, not left waiting");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the third connection was served: {read:?}"
+    );
+    assert_eq!(metric(&edge, "outpost_edge_connections_refused_total"), 1);
+    assert_eq!(metric(&edge, "outpost_edge_connections"), 2);
+
+    // One sender gives up: its slot is free again for a real client.
+    drop(slow.pop());
+    let until = Instant::now() + Duration::from_secs(5);
+    while metric(&edge, "outpost_edge_connections") > 1 {
+        assert!(
+            Instant::now() < until,
+            "the closed connection kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let nope = send(edge.addr, None, get("/nope"), "").await;
+    assert_eq!(nope.status, 404, "{}", nope.json);
+    drop(slow);
     edge.shutdown().await;
 }
 
