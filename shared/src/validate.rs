@@ -1237,6 +1237,22 @@ mod tests {
         assert_eq!(e.properties.to_map()["path"], "/a\u{e9}");
     }
 
+    /// A refused event is parsed again to name its field; properties
+    /// before the bad field must not get in the way of that.
+    #[test]
+    fn a_field_after_the_properties_is_still_named_when_refused() {
+        let json = format!(
+            r#"{{"event_id":"{ID}","name":"n","properties":{{"a":[1,{{"b":"c"}}]}},"level":"loud"}}"#
+        );
+        let err = parse_event(json.as_bytes(), &Limits::default(), NOW).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidField, "{err:?}");
+        assert_eq!(err.field.as_deref(), Some("level"), "{err:?}");
+        let json = format!(r#"{{"event_id":"{ID}","name":"n","properties":{{"a":1}},"nmae":1}}"#);
+        let err = parse_event(json.as_bytes(), &Limits::default(), NOW).unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnknownField, "{err:?}");
+        assert_eq!(err.field.as_deref(), Some("nmae"), "{err:?}");
+    }
+
     #[test]
     fn property_entries_are_counted_at_every_level() {
         let limits = Limits {
