@@ -4,7 +4,9 @@
 
 use std::process::Command;
 
-use outpost_tests::aggregator::{Aggregator, batch_id, events, eventually, frame_for};
+use outpost_tests::aggregator::{
+    Aggregator, batch_id, events, eventually, frame_for, frame_from_ip,
+};
 use outpost_tests::geo::{CityEntry, write_asn_db, write_atomically, write_city_db};
 use outpost_tests::stores::{TestDb, TestRedis, store_config};
 
@@ -155,6 +157,50 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
     })
     .await;
     assert_eq!(geo_of(&db, &id).await.2.as_deref(), Some("Basel"));
+    assert!(agg.log().contains("does not open; keeping the one in use"));
+}
+
+/// The database in use is a private copy: a file truncated or rewritten
+/// in place (not renamed over) changes nothing under the lookups — a
+/// mapping of the file itself would fault on the vanished pages and kill
+/// the process.
+#[tokio::test]
+async fn a_database_truncated_in_place_leaves_the_copy_in_use_serving() {
+    let (db, redis, dir) = (
+        TestDb::new().await,
+        TestRedis::new(),
+        tempfile::tempdir().unwrap(),
+    );
+    let city = dir.path().join("city.mmdb");
+    write_city_db(&city, &[ZURICH]);
+    let agg = Aggregator::start(&config(&db, &redis, dir.path())).await;
+    let first = events(300, 0..1);
+    agg.ingest_accepted(frame_for("acme-web", first.clone(), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 1, 15).await;
+
+    // Same inode, now empty.
+    std::fs::File::create(&city).unwrap();
+    // Addresses the lookup cache has not seen: read from the database.
+    for (tag, ip) in [(301, "203.0.113.99"), (302, "203.0.113.100")] {
+        let evs = events(tag, 0..1);
+        let id = evs[0].event_id.clone();
+        agg.ingest_accepted(frame_from_ip("acme-web", evs, batch_id(), ip))
+            .await;
+        eventually(15, "row stored", || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE event_id = $1")
+                .bind(id.as_str())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+                == 1
+        })
+        .await;
+        assert_eq!(geo_of(&db, &id).await.2.as_deref(), Some("Zürich"), "{ip}");
+        // The second address comes after the reload check refused the
+        // empty file.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    }
     assert!(agg.log().contains("does not open; keeping the one in use"));
 }
 

@@ -7,6 +7,14 @@
 //! `geoip.reload_check_secs` the new one is read, checked and swapped in;
 //! a file that does not open leaves the old database in place. A database
 //! that is not configured or missing means no enrichment, never a failure.
+//!
+//! A database is not read into the heap (a City file is ~100 MB, most of
+//! which no lookup touches): it is copied into a private, already unlinked
+//! temporary file and that copy is mapped. Only the pages lookups touch
+//! become resident, and since no other process can open the copy, a file
+//! overwritten or truncated in place (not renamed over) cannot change the
+//! mapped bytes under a lookup, which would crash the process. Where no
+//! temporary file can be made, the database is read into memory as before.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
@@ -98,8 +106,45 @@ impl Geo {
     }
 }
 
+/// A database's bytes: mapped from a private copy, or read into memory.
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Read(v) => v,
+        }
+    }
+}
+
+/// Opens the database at `path` (see the module documentation).
+fn open_db(path: &Path) -> Result<Reader<Bytes>, maxminddb::MaxMindDbError> {
+    match map_private_copy(path) {
+        Ok(map) => Reader::from_source(Bytes::Mapped(map)),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "GeoIP database not mapped; reading it into memory");
+            let bytes = std::fs::read(path).map_err(maxminddb::MaxMindDbError::Io)?;
+            Reader::from_source(Bytes::Read(bytes))
+        }
+    }
+}
+
+/// Copies `path` into an unlinked temporary file and maps the copy.
+fn map_private_copy(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let mut copy = tempfile::tempfile()?;
+    std::io::copy(&mut std::fs::File::open(path)?, &mut copy)?;
+    // SAFETY: the mapping's file has no name (unlinked at creation) and
+    // this process never writes to it again, so its bytes do not change
+    // while mapped; only it holds the descriptor, which the map outlives.
+    unsafe { memmap2::Mmap::map(&copy) }
+}
+
 struct Db {
-    reader: Arc<Reader<Vec<u8>>>,
+    reader: Arc<Reader<Bytes>>,
     stamp: Option<(SystemTime, u64)>,
 }
 
@@ -129,7 +174,7 @@ impl Slot {
         slot
     }
 
-    fn reader(&self) -> Option<Arc<Reader<Vec<u8>>>> {
+    fn reader(&self) -> Option<Arc<Reader<Bytes>>> {
         self.db
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -150,7 +195,7 @@ impl Slot {
         if stamp.is_none() || current == Some(stamp) {
             return false;
         }
-        match Reader::open_readfile(path) {
+        match open_db(path) {
             Ok(reader) => {
                 tracing::info!(path = %path.display(), database_type = %reader.metadata().database_type, build_epoch = reader.metadata().build_epoch, "GeoIP database loaded");
                 *self
@@ -292,5 +337,24 @@ impl GeoIp {
             }),
         };
         serde_json::json!({"city": describe(&self.city), "asn": describe(&self.asn)})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mapped_copy_does_not_change_when_the_file_is_rewritten_or_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let original: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &original).unwrap();
+        let map = map_private_copy(&path).unwrap();
+        // In place: same inode, other bytes, then nothing at all.
+        std::fs::write(&path, vec![0xffu8; 100_000]).unwrap();
+        assert_eq!(&map[..], &original[..]);
+        std::fs::File::create(&path).unwrap();
+        assert_eq!(&map[..], &original[..]);
     }
 }

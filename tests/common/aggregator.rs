@@ -245,7 +245,13 @@ pub fn now() -> Timestamp {
 
 /// A signed frame for `client_id` carrying `events`, received now.
 pub fn frame_for(client_id: &str, events: Vec<Event>, batch_id: BatchId) -> Vec<u8> {
+    frame_from_ip(client_id, events, batch_id, "203.0.113.7")
+}
+
+/// [`frame_for`], from another client address.
+pub fn frame_from_ip(client_id: &str, events: Vec<Event>, batch_id: BatchId, ip: &str) -> Vec<u8> {
     let mut batch = typical_batch(0);
+    batch.facts.client_ip = Some(ip.into());
     batch.client_id = client_id.into();
     batch.facts.received_at = now();
     batch.events = events;
