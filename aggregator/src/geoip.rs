@@ -126,7 +126,7 @@ fn open_db(path: &Path) -> Result<Reader<Bytes>, maxminddb::MaxMindDbError> {
     match map_private_copy(path) {
         Ok(map) => Reader::from_source(Bytes::Mapped(map)),
         Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "GeoIP database not mapped; reading it into memory");
+            tracing::warn!(path = %path.display(), error = %e, "GeoIP database not mapped (no private copy in TMPDIR); reading it into memory");
             let bytes = std::fs::read(path).map_err(maxminddb::MaxMindDbError::Io)?;
             Reader::from_source(Bytes::Read(bytes))
         }
