@@ -46,6 +46,31 @@ async fn geo_of(db: &TestDb, event_id: &str) -> GeoRow {
         .unwrap()
 }
 
+/// Waits until the event with `event_id` is stored.
+async fn wait_stored(db: &TestDb, event_id: &str) {
+    eventually(15, "row stored", || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+}
+
+/// An aggregator whose City database knows only Zürich, and the path of
+/// that database (`dir` holds it).
+async fn start_with_zurich(
+    db: &TestDb,
+    redis: &TestRedis,
+    dir: &std::path::Path,
+) -> (Aggregator, std::path::PathBuf) {
+    let city = dir.join("city.mmdb");
+    write_city_db(&city, &[ZURICH]);
+    (Aggregator::start(&config(db, redis, dir)).await, city)
+}
+
 #[tokio::test]
 async fn rows_carry_city_and_asn_of_the_client_ip() {
     let (db, redis, dir) = (
@@ -98,9 +123,7 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
         TestRedis::new(),
         tempfile::tempdir().unwrap(),
     );
-    let city = dir.path().join("city.mmdb");
-    write_city_db(&city, &[ZURICH]);
-    let agg = Aggregator::start(&config(&db, &redis, dir.path())).await;
+    let (agg, city) = start_with_zurich(&db, &redis, dir.path()).await;
     let first = events(91, 0..1);
     agg.ingest_accepted(frame_for("acme-web", first.clone(), batch_id()))
         .await;
@@ -147,15 +170,7 @@ async fn a_replaced_database_is_used_without_a_restart_and_a_broken_one_is_not()
     let id = evs[0].event_id.clone();
     agg.ingest_accepted(frame_for("acme-web", evs, batch_id()))
         .await;
-    eventually(15, "row stored", || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE event_id = $1")
-            .bind(id.as_str())
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-            == 1
-    })
-    .await;
+    wait_stored(&db, &id).await;
     assert_eq!(geo_of(&db, &id).await.2.as_deref(), Some("Basel"));
     assert!(agg.log().contains("does not open; keeping the one in use"));
 }
@@ -171,9 +186,7 @@ async fn a_database_truncated_in_place_leaves_the_copy_in_use_serving() {
         TestRedis::new(),
         tempfile::tempdir().unwrap(),
     );
-    let city = dir.path().join("city.mmdb");
-    write_city_db(&city, &[ZURICH]);
-    let agg = Aggregator::start(&config(&db, &redis, dir.path())).await;
+    let (agg, city) = start_with_zurich(&db, &redis, dir.path()).await;
     let first = events(300, 0..1);
     agg.ingest_accepted(frame_for("acme-web", first.clone(), batch_id()))
         .await;
@@ -187,15 +200,7 @@ async fn a_database_truncated_in_place_leaves_the_copy_in_use_serving() {
         let id = evs[0].event_id.clone();
         agg.ingest_accepted(frame_from_ip("acme-web", evs, batch_id(), ip))
             .await;
-        eventually(15, "row stored", || async {
-            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM events WHERE event_id = $1")
-                .bind(id.as_str())
-                .fetch_one(&db.pool)
-                .await
-                .unwrap()
-                == 1
-        })
-        .await;
+        wait_stored(&db, &id).await;
         assert_eq!(geo_of(&db, &id).await.2.as_deref(), Some("Zürich"), "{ip}");
         // The second address comes after the reload check refused the
         // empty file.
