@@ -126,6 +126,18 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_CONFIG")]
         config: Option<std::path::PathBuf>,
     },
+    /// Build the distinct-user sketches of `/v1/stats?users=true` from the
+    /// stored events, from `--from` up to now (events stored before the
+    /// sketches existed have none; until then those hours are counted from
+    /// the rows). Safe to run again and while serving. Prints what it did.
+    BackfillUsers {
+        /// TOML config file (only `[postgres]` is used).
+        #[arg(long, short, env = "OUTPOST_CONFIG")]
+        config: Option<std::path::PathBuf>,
+        /// First day (YYYY-MM-DD, UTC) or instant (RFC 3339) to sketch.
+        #[arg(long)]
+        from: String,
+    },
     /// Print the HMAC signature headers for a request (body from stdin or --body).
     Sign(cmd::rules::SignArgs),
     /// Validate a batch request body (stdin) and print what the edge would answer.
@@ -161,6 +173,9 @@ fn main() -> anyhow::Result<()> {
         Command::Healthcheck { url } => cmd::service::healthcheck(&url),
         Command::Migrate { config } => cmd::service::migrate(config.as_deref()),
         Command::Partitions { config } => cmd::service::partitions(config.as_deref()),
+        Command::BackfillUsers { config, from } => {
+            cmd::service::backfill_users(config.as_deref(), &from)
+        }
         Command::Sign(args) => cmd::rules::sign(args),
         Command::Validate => cmd::rules::validate(),
     }

@@ -50,6 +50,39 @@ pub fn partitions(config: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `outpost backfill-users`: the distinct-user sketches from `from` on,
+/// built from the stored events; prints what it did as JSON.
+pub fn backfill_users(config: Option<&Path>, from: &str) -> anyhow::Result<()> {
+    use outpost_aggregator::sinks::postgres::users;
+    let from_ms = outpost_shared::event::Timestamp::parse_rfc3339(from)
+        .map(|t| t.millis())
+        .or_else(|| {
+            chrono::NaiveDate::parse_from_str(from, "%Y-%m-%d")
+                .ok()
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc().timestamp_millis())
+        })
+        .ok_or_else(|| anyhow::anyhow!("--from: expected YYYY-MM-DD or RFC 3339, got {from:?}"))?;
+    let config = outpost_aggregator::config::Config::load_unchecked(config)?;
+    anyhow::ensure!(
+        config.postgres.enabled,
+        "the PostgreSQL sink is off (`postgres.enabled = false`): SQLite counts users from the rows"
+    );
+    let done = super::runtime()?.block_on(async {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&config.postgres.url.0)
+            .await?;
+        let done = users::backfill(&pool, from_ms, outpost_aggregator::delivery::now_ms()).await?;
+        anyhow::Ok(done)
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({"events": done.events, "sketches": done.sketches})
+    );
+    Ok(())
+}
+
 /// `outpost healthcheck`: exit 0 when `url` answers 200, 1 otherwise.
 pub fn healthcheck(url: &str) -> anyhow::Result<()> {
     let ready = super::runtime()?.block_on(async {

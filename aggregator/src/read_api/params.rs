@@ -317,7 +317,8 @@ pub struct StatsParams {
     /// `name`, `kind`, `country`, `platform`, `app_version`, `client`,
     /// `level` or `priority`.
     pub group_by: Option<String>,
-    /// Add distinct users per point (reads every matching row).
+    /// Add distinct users per point (on PostgreSQL estimated from hourly
+    /// sketches, ~1 %; per minute, or on SQLite, counted from the rows).
     pub users: Option<bool>,
     /// Inclusive start (default: 24 hours ago).
     pub from: Option<String>,

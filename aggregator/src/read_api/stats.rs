@@ -1,7 +1,8 @@
 //! `GET /v1/stats`: events (and distinct users) per time bucket, grouped
 //! by at most one dimension. Counts come from PostgreSQL's per-minute
-//! rollups (`event_counts`) when they can answer; otherwise from the rows,
-//! within a bounded time span.
+//! rollups (`event_counts`) and distinct users from its hourly sketches
+//! (`user_sketches`, see `sinks::postgres::users`) when they can answer;
+//! otherwise both come from the rows, within a bounded time span.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,7 @@ use super::QueryError;
 use super::params::{Query, parse_stats, scope_to_caller};
 use super::sql::{Dialect, dialect, push_filters, unavailable};
 use crate::db::Db;
+use crate::sinks::postgres::users;
 
 /// One point of `GET /v1/stats`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -59,8 +61,8 @@ pub const MAX_STATS_ROWS: i64 = 10_000;
 /// grouped by one dimension, with the same filters as `/v1/events`. Without
 /// `from`, the last 24 hours.
 ///
-/// A query the rollups cannot answer reads rows: its `to - from` may be at
-/// most `max_scan_span_secs` (`40019` beyond).
+/// A query the rollups and sketches cannot answer reads rows: its
+/// `to - from` may be at most `max_scan_span_secs` (`40019` beyond).
 pub async fn stats(
     db: &Db,
     who: &ClientRecord,
@@ -76,12 +78,43 @@ pub async fn stats(
     }
     let (mut q, bucket, group, with_users) = parse_stats(params)?;
     scope_to_caller(&mut q, who)?;
-    // The last 24 hours, from the start of that minute.
+    // The last 24 hours, from the start of that hour (of that minute with
+    // minute buckets), so that the first bucket is whole.
+    let unit_ms = if bucket == "minute" {
+        60_000
+    } else {
+        3_600_000
+    };
     q.from_us
-        .get_or_insert((now_ms.saturating_sub(86_400_000) / 60_000) * 60_000_000);
-    let series = match db {
-        Db::Postgres(p) if !with_users => match rollup_plan(&q, group) {
-            Some(plan) => Some(rollup_stats(p, &plan, &q, bucket).await?),
+        .get_or_insert((now_ms.saturating_sub(86_400_000) / unit_ms) * unit_ms * 1000);
+    let series = match (db, rollup_plan(&q, group)) {
+        (Db::Postgres(p), Some(plan)) if !with_users => {
+            Some(rollup_stats(p, &plan, &q, bucket).await?)
+        }
+        (Db::Postgres(p), Some(plan)) => match sketch_hours(p, &q, bucket).await? {
+            Some((from_hour, to_hour)) => {
+                let mut rows = rollup_stats(p, &plan, &q, bucket).await?;
+                let users = users::users_per_bucket(
+                    p,
+                    &users::UsersQuery {
+                        dim: plan.dim,
+                        value: plan.value.as_deref(),
+                        client: q.filters.get("client_id").map(String::as_str),
+                        by_client: plan.key == "client_id",
+                        by_value: plan.key == "value",
+                        from_hour: Some(from_hour),
+                        to_hour,
+                        bucket_hours: if bucket == "day" { 24 } else { 1 },
+                        max_points: MAX_STATS_ROWS as usize,
+                    },
+                )
+                .await
+                .map_err(unavailable)?;
+                for r in &mut rows {
+                    r.users = users.get(&(r.b, r.k.clone())).copied().unwrap_or(0);
+                }
+                Some(rows)
+            }
             None => None,
         },
         _ => None,
@@ -96,7 +129,7 @@ pub async fn stats(
                 return Err(QueryError(
                     ErrorCode::QueryRangeTooLarge,
                     format!(
-                        "this query reads every matching event (distinct users, or a filter the per-minute counts cannot answer): its from..to may span at most {} s (read_api.max_scan_span_secs), this one spans {span_secs} s",
+                        "this query reads every matching event (a filter the per-minute counts cannot answer, or distinct users the hourly sketches cannot): its from..to may span at most {} s (read_api.max_scan_span_secs), this one spans {span_secs} s",
                         max_scan_span_secs
                     ),
                 ));
@@ -131,6 +164,29 @@ pub async fn stats(
         series,
         request_id: String::new(),
     })
+}
+
+/// Whether the user sketches can answer distinct users over `q`'s range
+/// in `bucket`s: hour or day buckets, `from` and `to` on whole hours, and
+/// no earlier than the sketches are complete (`user_sketches_since`).
+/// Returns the hours to read.
+async fn sketch_hours(
+    pool: &sqlx::PgPool,
+    q: &Query,
+    bucket: &str,
+) -> Result<Option<(i64, Option<i64>)>, QueryError> {
+    const HOUR_US: i64 = 3_600_000_000;
+    let Some(from) = q.from_us else {
+        return Ok(None);
+    };
+    if bucket == "minute" || from % HOUR_US != 0 || q.to_us.is_some_and(|t| t % HOUR_US != 0) {
+        return Ok(None);
+    }
+    let since = users::complete_since(pool).await.map_err(unavailable)?;
+    let from_hour = from.div_euclid(HOUR_US);
+    Ok(since
+        .is_some_and(|s| from_hour >= s)
+        .then(|| (from_hour, q.to_us.map(|t| t.div_euclid(HOUR_US)))))
 }
 
 /// Stats dimensions the PostgreSQL rollups (`event_counts.dim`) count by.
@@ -227,7 +283,8 @@ async fn rollup_stats(
         .map_err(unavailable)
 }
 
-/// Stats from the events themselves (SQLite; distinct users; filters the
+/// Stats from the events themselves (SQLite; distinct users per minute or
+/// before the sketches began; filters the
 /// rollups do not keep).
 async fn scan_stats(
     db: &Db,

@@ -206,6 +206,22 @@ impl Configured {
         self
     }
 
+    /// Adds work to do once the sink's delivery workers have stopped (the
+    /// last flush of what they left in memory); shutdown waits for it.
+    pub fn after_workers(mut self, last: impl Future<Output = ()> + Send + 'static) -> Configured {
+        let start = self.start;
+        self.start = Box::new(move |ctx, stop| {
+            let handles = start(ctx, stop);
+            vec![tokio::spawn(async move {
+                for h in handles {
+                    let _ = h.await;
+                }
+                last.await;
+            })]
+        });
+        self
+    }
+
     /// Starts the sink's delivery workers.
     pub fn start(
         self,

@@ -30,7 +30,9 @@ use sqlx::postgres::PgPoolOptions;
 use super::{Row, Sink, SinkError};
 use crate::redacted::Redacted;
 
+pub mod hll;
 pub mod partitions;
+pub mod users;
 
 /// `[postgres]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +71,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/pos
 #[derive(Clone)]
 pub struct PostgresSink {
     pool: PgPool,
+    /// The distinct-user sketches of what this sink stored.
+    users: std::sync::Arc<users::Users>,
 }
 
 /// The `events` columns both write paths fill, in the order they fill them.
@@ -156,7 +160,10 @@ impl PostgresSink {
             .max_connections(config.max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect_lazy(&config.url.0)?;
-        let sink = PostgresSink { pool };
+        let sink = PostgresSink {
+            users: std::sync::Arc::new(users::Users::new(pool.clone())),
+            pool,
+        };
         if config.migrate_on_start {
             MIGRATOR.run(&sink.pool).await?;
         }
@@ -273,17 +280,26 @@ impl Sink for PostgresSink {
             return Ok(());
         }
         match self.copy(rows).await {
-            Ok(Copied::Stored) => Ok(()),
+            Ok(Copied::Stored) => {}
             Ok(how) => {
                 tracing::debug!(
                     rows = rows.len(),
                     ?how,
                     "COPY did not store the write; INSERT … ON CONFLICT"
                 );
-                self.insert(rows).await.map_err(|e| sink_error(&e))
+                self.insert(rows).await.map_err(|e| sink_error(&e))?;
             }
-            Err(e) => Err(sink_error(&e)),
+            Err(e) => return Err(sink_error(&e)),
         }
+        // Every row is in the database now (stored by this write or an
+        // earlier one): its user goes into the sketches, where a second
+        // time changes nothing. Past the memory bound the write waits for
+        // a flush, and a failed flush fails the write, which is retried
+        // (storing nothing twice) once the database is back.
+        if self.users.add(rows) {
+            self.users.flush().await.map_err(|e| sink_error(&e))?;
+        }
+        Ok(())
     }
 
     async fn ping(&self) -> bool {
@@ -616,18 +632,8 @@ impl<'a> Counts<'a> {
         type Key<'a> = (&'a str, &'static str, i64, Option<&'a str>);
         let mut counts: HashMap<Key<'a>, i64> = HashMap::new();
         for r in rows {
-            let e = r.event;
             let minute = r.ts_ms().div_euclid(60_000);
-            let dims: [(&'static str, Option<&'a str>); 8] = [
-                ("", None),
-                ("kind", Some(e.kind.as_str())),
-                ("name", e.name.as_deref()),
-                ("country", r.country()),
-                ("platform", e.context.platform.as_deref()),
-                ("app_version", e.context.app_version.as_deref()),
-                ("level", e.level.map(|l| l.as_str())),
-                ("priority", Some(e.priority.as_str())),
-            ];
+            let dims = dimensions(r);
             for (dim, value) in dims {
                 *counts.entry((r.client_id, dim, minute, value)).or_default() += 1;
             }
@@ -656,6 +662,39 @@ impl<'a> Counts<'a> {
             .bind(self.value)
             .bind(self.events)
     }
+}
+
+/// The dimensions `event_counts` and `user_sketches` keep, by their
+/// `dim` names ('' is all of a client's events).
+pub const DIMENSIONS: [&str; 8] = [
+    "",
+    "kind",
+    "name",
+    "country",
+    "platform",
+    "app_version",
+    "level",
+    "priority",
+];
+
+/// A row's value of each of [`DIMENSIONS`], in that order.
+pub fn dimensions<'a>(r: &'a Row<'a>) -> [(&'static str, Option<&'a str>); 8] {
+    let e = r.event;
+    let values = [
+        None,
+        Some(e.kind.as_str()),
+        e.name.as_deref(),
+        r.country(),
+        e.context.platform.as_deref(),
+        e.context.app_version.as_deref(),
+        e.level.map(|l| l.as_str()),
+        Some(e.priority.as_str()),
+    ];
+    let mut out = [("", None); 8];
+    for (i, v) in values.into_iter().enumerate() {
+        out[i] = (DIMENSIONS[i], v);
+    }
+    out
 }
 
 /// This sink's name.
@@ -689,12 +728,35 @@ fn build(config: &crate::config::Config) -> super::Building<'_> {
                 "PostgreSQL partitions not made within 10 s of start; retrying in the background"
             ),
         }
+        // After a crash, the sketches may lack the last flush interval's
+        // users: rebuild the last minutes from the rows (in the
+        // background; merging changes nothing already there).
+        let repair = pool.clone();
+        tokio::spawn(async move {
+            let now = crate::delivery::now_ms();
+            let from = now - users::REPAIR_MINUTES * 60_000;
+            match users::rebuild(&repair, from, now + 3_600_000).await {
+                Ok(done) => tracing::debug!(?done, "user sketches of the last minutes rebuilt"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "user sketches of the last minutes not rebuilt")
+                }
+            }
+        });
+        let (flusher, last) = (sink.users.clone(), sink.users.clone());
         Ok(
-            super::Configured::new(sink, Some(crate::db::Db::Postgres(read))).with_task(
-                move |ctx, stop| {
+            super::Configured::new(sink, Some(crate::db::Db::Postgres(read)))
+                .with_task(move |ctx, stop| {
                     partitions::spawn(pool, retention_days, ctx.metrics.clone(), stop.clone())
-                },
-            ),
+                })
+                .with_task(move |_, stop| {
+                    let stop = stop.clone();
+                    tokio::spawn(async move { flusher.run(stop).await })
+                })
+                .after_workers(async move {
+                    if let Err(e) = last.flush().await {
+                        tracing::warn!(error = %e, "user sketches not stored at shutdown; the next start rebuilds the last minutes");
+                    }
+                }),
         )
     })
 }

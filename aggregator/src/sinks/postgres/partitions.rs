@@ -160,6 +160,15 @@ pub async fn maintain(
                 .count() as i64;
         }
     }
+    // The distinct-user sketches are a plain table (a few rows per hour
+    // and dimension value): expired hours are deleted.
+    if let Some(cutoff) = cutoff {
+        report.deleted_rows += sqlx::query("DELETE FROM user_sketches WHERE hour < $1")
+            .bind(cutoff * 24)
+            .execute(pool)
+            .await?
+            .rows_affected();
+    }
     Ok(report)
 }
 
