@@ -17,7 +17,7 @@ use super::QueryError;
 use super::params::{Query, parse_stats, scope_to_caller};
 use super::sql::{Dialect, dialect, push_filters, unavailable};
 use crate::db::Db;
-use crate::sinks::postgres::users;
+use crate::sinks::postgres::{DIMENSIONS, users};
 
 /// One point of `GET /v1/stats`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -189,16 +189,12 @@ async fn sketch_hours(
         .then(|| (from_hour, q.to_us.map(|t| t.div_euclid(HOUR_US)))))
 }
 
-/// Stats dimensions the PostgreSQL rollups (`event_counts.dim`) count by.
-const ROLLUP_DIMS: &[&str] = &[
-    "kind",
-    "name",
-    "country",
-    "platform",
-    "app_version",
-    "level",
-    "priority",
-];
+/// Stats dimensions the PostgreSQL rollups (`event_counts.dim`) count by:
+/// the sink's dimensions but '' (all of a client's events).
+const ROLLUP_DIMS: &[&str] = match DIMENSIONS.as_slice().split_first() {
+    Some((_, rest)) => rest,
+    None => &[],
+};
 
 /// How a stats query is answered from the rollups.
 struct RollupPlan {
