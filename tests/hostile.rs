@@ -1501,8 +1501,12 @@ async fn events_accepted_before_the_limits_were_tightened_are_still_delivered() 
 #[tokio::test]
 async fn a_full_in_memory_dedup_still_remembers_the_newest_ids() {
     let db = TestDb::new().await;
+    // One delivery worker: ids are claimed (at delivery) in the order the
+    // frames came, so "the newest 1,000" is frames 10–19. With two, a
+    // worker that fell behind on a loaded machine claimed its older frames
+    // last and they, not the newest, were what the memory kept.
     let agg = Aggregator::start(&format!(
-        "[postgres]\nurl = \"{}\"\n\n[dedup]\nbackend = \"memory\"\nmemory_max_entries = 1000\n",
+        "[postgres]\nurl = \"{}\"\n\n[dedup]\nbackend = \"memory\"\nmemory_max_entries = 1000\n\n[delivery]\nworkers_per_sink = 1\n",
         db.url
     ))
     .await;
