@@ -281,16 +281,18 @@ pub async fn rebuild(pool: &PgPool, from_ms: i64, to_ms: i64) -> Result<Rebuilt,
     while let Some(r) = rows.try_next().await? {
         let hash = super::hll::hash(&r.user_id);
         let hour = r.ts_ms.div_euclid(MS_PER_HOUR);
-        let dims: [(&'static str, Option<&String>); 8] = [
-            ("", None),
-            ("kind", Some(&r.kind)),
-            ("name", r.name.as_ref()),
-            ("country", r.country.as_ref()),
-            ("platform", r.platform.as_ref()),
-            ("app_version", r.app_version.as_ref()),
-            ("level", r.level.as_ref()),
-            ("priority", Some(&r.priority)),
+        // The values in the order of the sink's one list of dimensions.
+        let values = [
+            None,
+            Some(&r.kind),
+            r.name.as_ref(),
+            r.country.as_ref(),
+            r.platform.as_ref(),
+            r.app_version.as_ref(),
+            r.level.as_ref(),
+            Some(&r.priority),
         ];
+        let dims = super::DIMENSIONS.into_iter().zip(values);
         for (dim, value) in dims {
             local
                 .entry((r.client_id.clone(), dim, hour, value.cloned()))
