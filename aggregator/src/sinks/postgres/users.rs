@@ -38,8 +38,6 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
 /// How far back the start-up repair rebuilds sketches from the rows.
 pub const REPAIR_MINUTES: i64 = 10;
-/// Rows [`rebuild`] reads before it flushes what it has sketched.
-const REBUILD_ROWS_PER_FLUSH: usize = 200_000;
 /// The advisory lock flushes take turns on (`hashtext('outpost.user_sketches')`
 /// is not stable across versions; a constant is).
 const LOCK_KEY: i64 = 0x6f75_7470_6f73_7475; // "outpostu"
@@ -61,18 +59,34 @@ struct Pending {
 
 impl Pending {
     fn merge(&mut self, key: Key, sketch: &Sketch) {
+        self.update(key, |s| s.merge(sketch));
+    }
+
+    fn add_hash(&mut self, key: Key, hash: u64) {
+        self.update(key, |s| s.add_hash(hash));
+    }
+
+    /// Changes the key's sketch (a new one if it has none), keeping
+    /// [`Pending::bytes`] right.
+    fn update(&mut self, key: Key, change: impl FnOnce(&mut Sketch)) {
         let key_bytes = key.0.len() + key.3.as_ref().map_or(0, String::len) + 64;
-        match self.sketches.get_mut(&key) {
-            Some(s) => {
+        let (s, before) = match self.sketches.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let s = o.into_mut();
                 let before = s.heap_bytes();
-                s.merge(sketch);
-                self.bytes = self.bytes + s.heap_bytes() - before;
+                (s, before)
             }
-            None => {
-                self.bytes += key_bytes + sketch.heap_bytes();
-                self.sketches.insert(key, sketch.clone());
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.bytes += key_bytes;
+                (v.insert(Sketch::default()), 0)
             }
-        }
+        };
+        change(s);
+        self.bytes = self.bytes + s.heap_bytes() - before;
+    }
+
+    fn over_bound(&self) -> bool {
+        self.bytes > MAX_PENDING_BYTES
     }
 }
 
@@ -124,7 +138,7 @@ impl Users {
                 &sketch,
             );
         }
-        pending.bytes > MAX_PENDING_BYTES
+        pending.over_bound()
     }
 
     /// Merges what is pending into `user_sketches`. On failure it stays
@@ -263,8 +277,8 @@ pub struct Rebuilt {
 
 /// Rebuilds the sketches of events with `from_ms <= ts < to_ms` from the
 /// rows, merging into what is stored (nothing is lost, nothing counted
-/// twice). Memory is bounded: it flushes every
-/// [`REBUILD_ROWS_PER_FLUSH`] rows.
+/// twice). Memory is bounded as the sink's is: it flushes whenever what it
+/// has sketched is over [`MAX_PENDING_BYTES`].
 pub async fn rebuild(pool: &PgPool, from_ms: i64, to_ms: i64) -> Result<Rebuilt, sqlx::Error> {
     let mut done = Rebuilt::default();
     let mut rows = sqlx::query_as::<_, RebuildRow>(
@@ -276,8 +290,7 @@ pub async fn rebuild(pool: &PgPool, from_ms: i64, to_ms: i64) -> Result<Rebuilt,
     .bind(from_ms)
     .bind(to_ms)
     .fetch(pool);
-    let mut since_flush = 0;
-    let mut local: HashMap<Key, Sketch> = HashMap::new();
+    let mut local = Pending::default();
     while let Some(r) = rows.try_next().await? {
         let hash = super::hll::hash(&r.user_id);
         let hour = r.ts_ms.div_euclid(MS_PER_HOUR);
@@ -294,24 +307,19 @@ pub async fn rebuild(pool: &PgPool, from_ms: i64, to_ms: i64) -> Result<Rebuilt,
         ];
         let dims = super::DIMENSIONS.into_iter().zip(values);
         for (dim, value) in dims {
-            local
-                .entry((r.client_id.clone(), dim, hour, value.cloned()))
-                .or_default()
-                .add_hash(hash);
+            local.add_hash((r.client_id.clone(), dim, hour, value.cloned()), hash);
         }
         done.events += 1;
-        since_flush += 1;
-        if since_flush >= REBUILD_ROWS_PER_FLUSH {
-            done.sketches += local.len() as u64;
-            store(pool, local.iter()).await?;
-            local.clear();
-            since_flush = 0;
+        if local.over_bound() {
+            done.sketches += local.sketches.len() as u64;
+            store(pool, local.sketches.iter()).await?;
+            local = Pending::default();
         }
     }
     drop(rows);
-    if !local.is_empty() {
-        done.sketches += local.len() as u64;
-        store(pool, local.iter()).await?;
+    if !local.sketches.is_empty() {
+        done.sketches += local.sketches.len() as u64;
+        store(pool, local.sketches.iter()).await?;
     }
     Ok(done)
 }
@@ -519,5 +527,32 @@ mod tests {
         assert_eq!(after.0, sketches);
         assert!(after.1 <= bytes, "{} B after, {bytes} B before", after.1);
         assert!(users.pending.lock().unwrap().sketches == before);
+    }
+
+    #[test]
+    fn pending_bytes_count_every_key_and_sketch_as_they_grow() {
+        // What `rebuild` (and the sink's merges) bound memory by: the count
+        // must follow sketches that grow, switch to dense, and new keys.
+        let mut p = Pending::default();
+        let hash = super::super::hll::hash;
+        for i in 0..20_000u64 {
+            // Three sketches that go dense, and fifty that stay sparse.
+            let value = Some(format!("v{}", i % 3));
+            p.add_hash(("acme".into(), "name", 0, value), hash(&i.to_string()));
+            if i < 500 {
+                let value = Some(format!("small{}", i % 50));
+                p.add_hash(("acme".into(), "name", 1, value), hash(&i.to_string()));
+            }
+        }
+        assert_eq!(p.sketches.len(), 53);
+        let counted: usize = p
+            .sketches
+            .iter()
+            .map(|(k, s)| k.0.len() + k.3.as_ref().map_or(0, String::len) + 64 + s.heap_bytes())
+            .sum();
+        assert_eq!(p.bytes, counted);
+        let dense = p.sketches.values().filter(|s| s.heap_bytes() == 16_384);
+        assert_eq!(dense.count(), 3, "the big three went dense");
+        assert!(!p.over_bound());
     }
 }
