@@ -462,7 +462,7 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(outpost_tests::aggregator::EDGE_SECRET)
     };
-    let (url, db_url) = (agg.url.clone(), db.url.clone());
+    let (url, db_url, pid) = (agg.url.clone(), db.url.clone(), agg.pid().to_string());
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(outpost_tests::outpost_bin())
             .args([
@@ -481,6 +481,10 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
                 "bench-test",
                 "--baseline-postgres",
                 &db_url,
+                "--server-pid",
+                &pid,
+                "--rss-every",
+                "1",
                 "--json",
             ])
             .env(
@@ -503,6 +507,22 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
     assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
     assert!(report["end_to_end_events_per_sec"].as_f64().unwrap() > 0.0);
     assert!(report["ratio_to_copy"].as_f64().unwrap() > 0.0);
+    let peak = report["server_peak_rss_mib"].as_f64().unwrap();
+    let samples = report["server_rss_samples"].as_array().unwrap();
+    assert!(
+        samples.len() >= 2,
+        "RSS is sampled at the first request and when everything is delivered: {samples:?}"
+    );
+    let mut last_secs = -1.0;
+    for s in samples {
+        let (secs, mib) = (s["secs"].as_f64().unwrap(), s["mib"].as_f64().unwrap());
+        assert!(secs >= last_secs, "samples in time order: {samples:?}");
+        assert!(
+            mib > 1.0 && mib <= peak + 0.1,
+            "a sample is the server's resident memory, at most its peak {peak}: {samples:?}"
+        );
+        last_secs = secs;
+    }
     assert_eq!(
         db.count_events("bench-test").await,
         200,

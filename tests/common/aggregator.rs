@@ -122,6 +122,11 @@ impl Aggregator {
         std::fs::write(&self.config_path, edit(text)).expect("write config");
     }
 
+    /// The running server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

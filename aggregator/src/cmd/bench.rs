@@ -10,7 +10,10 @@
 //! COPYs the same rows straight into a scratch table, three times, so the
 //! end-to-end rate can be reported as a ratio to raw COPY (the median of the
 //! three: a single COPY right after a load varies by a third on a small
-//! machine) measured in the same run.
+//! machine) measured in the same run. With `--server-pid` it samples the
+//! server's resident memory every `--rss-every` seconds from the first
+//! request until everything is delivered, so a long run at a fixed `--rate`
+//! shows whether memory grows.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,9 +59,12 @@ pub struct BenchArgs {
     /// Also time a raw COPY of the same rows into this PostgreSQL (migrated) database.
     #[arg(long)]
     pub baseline_postgres: Option<String>,
-    /// PID of the server, to report its peak RSS.
+    /// PID of the server, to report its peak RSS and sample its RSS over the run.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Seconds between samples of the server's RSS (with --server-pid).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rss_every: u64,
     /// Client id the frames carry.
     #[arg(long, default_value = "bench")]
     pub client_id: String,
@@ -88,6 +94,8 @@ pub struct BenchOptions {
     pub baseline_postgres: Option<String>,
     /// PID of the server, to report its peak RSS (Linux).
     pub server_pid: Option<u32>,
+    /// Seconds between samples of the server's RSS.
+    pub rss_every: Duration,
     /// Client id the frames claim.
     pub client_id: String,
 }
@@ -120,6 +128,18 @@ pub struct BenchReport {
     pub ratio_to_copy: Option<f64>,
     /// Server's peak resident memory, MiB.
     pub server_peak_rss_mib: Option<f64>,
+    /// The server's resident memory over the run (from the first request
+    /// until everything was delivered), first and last sample included.
+    pub server_rss_samples: Vec<RssSample>,
+}
+
+/// The server's resident memory at one moment of the run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RssSample {
+    /// Seconds since the first request.
+    pub secs: f64,
+    /// Resident memory, MiB.
+    pub mib: f64,
 }
 
 /// Latency percentiles, milliseconds.
@@ -217,6 +237,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let (stop_sampling, stopped) = tokio::sync::oneshot::channel::<()>();
+    let rss_sampler = opts
+        .server_pid
+        .map(|pid| tokio::spawn(sample_rss(pid, started, opts.rss_every, stopped)));
     let interval = opts
         .rate
         .map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
@@ -333,6 +357,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     let end_to_end_events_per_sec = end_to_end_secs.map(|s| events_ok as f64 / s);
+    let mut server_rss_samples = Vec::new();
+    let _ = stop_sampling.send(());
+    if let Some(sampler) = rss_sampler {
+        server_rss_samples = sampler.await?;
+    }
+    if let Some(mib) = opts.server_pid.and_then(|pid| status_mib(pid, "VmRSS:")) {
+        server_rss_samples.push(RssSample {
+            secs: started.elapsed().as_secs_f64(),
+            mib,
+        });
+    }
 
     let baseline_copy_runs = match &opts.baseline_postgres {
         Some(url) => {
@@ -368,7 +403,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         baseline_copy_events_per_sec,
         baseline_copy_runs,
         ratio_to_copy,
-        server_peak_rss_mib: opts.server_pid.and_then(peak_rss_mib),
+        server_peak_rss_mib: opts.server_pid.and_then(|pid| status_mib(pid, "VmHWM:")),
+        server_rss_samples,
     })
 }
 
@@ -493,11 +529,34 @@ async fn copy_baseline(
     Ok(runs)
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
+/// Samples the server's RSS now and every `every` until told to stop.
+async fn sample_rss(
+    pid: u32,
+    started: Instant,
+    every: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<RssSample> {
+    let mut samples = Vec::new();
+    loop {
+        if let Some(mib) = status_mib(pid, "VmRSS:") {
+            samples.push(RssSample {
+                secs: started.elapsed().as_secs_f64(),
+                mib,
+            });
+        }
+        tokio::select! {
+            _ = &mut stop => return samples,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// A memory line of `/proc/PID/status` (`VmHWM:` peak, `VmRSS:` now), MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -544,6 +603,22 @@ impl BenchReport {
         if let Some(m) = self.server_peak_rss_mib {
             s.push_str(&format!("server peak RSS: {m:.1} MiB\n"));
         }
+        if self.server_rss_samples.len() > 1 {
+            // At most a dozen, evenly spread, the last one always.
+            let n = self.server_rss_samples.len();
+            let step = n.div_ceil(12);
+            let shown: Vec<String> = self
+                .server_rss_samples
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % step == 0 || *i == n - 1)
+                .map(|(_, r)| format!("{:.0} s {:.1}", r.secs, r.mib))
+                .collect();
+            s.push_str(&format!(
+                "server RSS MiB over the run: {}\n",
+                shown.join(", ")
+            ));
+        }
         s
     }
 }
@@ -566,6 +641,7 @@ pub fn main(a: BenchArgs) -> anyhow::Result<()> {
         wait_delivery: a.wait_delivery || a.baseline_postgres.is_some(),
         baseline_postgres: a.baseline_postgres,
         server_pid: a.server_pid,
+        rss_every: Duration::from_secs(a.rss_every),
         client_id: a.client_id,
     };
     let report = super::runtime()?.block_on(run(opts))?;
