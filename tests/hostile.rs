@@ -1310,7 +1310,7 @@ async fn the_read_api_bounds_what_a_query_costs_and_limits_addresses_before_auth
     let agg = aggregator(
         &db,
         &redis,
-        "\n[read_api]\nstatement_timeout_ms = 1000\nip_requests_per_minute = 12\n",
+        "\n[read_api]\nstatement_timeout_ms = 1000\nip_requests_per_minute = 16\nmax_scan_events = 2\n",
     )
     .await;
     let created = outpost(
@@ -1355,6 +1355,40 @@ async fn the_read_api_bounds_what_a_query_costs_and_limits_addresses_before_auth
         (400, Some(40019)),
         "{body}"
     );
+    // 1b: a query that reads rows is refused when the per-minute counts say
+    // it would read more than read_api.max_scan_events (three page views,
+    // at most two): a filter on another dimension than the grouped one.
+    let (status, body) = get("/v1/stats?group_by=country&name=page_view").await;
+    assert_eq!(
+        (status, body["code"].as_u64()),
+        (400, Some(40019)),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("read 3 of them") && message.contains("read_api.max_scan_events"),
+        "{body}"
+    );
+    // ... but not when fewer match, nor when a session's own index picks
+    // the rows; both read the rows.
+    for (query, events) in [
+        ("group_by=country&name=click", 0),
+        ("group_by=country&name=page_view&session_id=sess-0", 3),
+    ] {
+        let (status, body) = get(&format!("/v1/stats?{query}")).await;
+        assert_eq!(
+            (status, body["source"].as_str()),
+            (200, Some("events")),
+            "{query}: {body}"
+        );
+        let counted: i64 = body["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["events"].as_i64().unwrap())
+            .sum();
+        assert_eq!(counted, events, "{query}: {body}");
+    }
     // 2: values no event can have; a cursor is its query's (filters and
     // order; the page size may change, as README says).
     for bad in ["kind=metric", "level=banana", "trace_id=XYZ"] {

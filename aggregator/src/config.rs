@@ -140,6 +140,9 @@ pub struct ReadApiConfig {
     /// (`/v1/stats` with `users=true` or filters the rollups cannot
     /// answer), in seconds.
     pub max_scan_span_secs: u64,
+    /// Most events a `/v1/stats` query that reads rows may read, as the
+    /// PostgreSQL per-minute counts tell before it runs (`0`: no bound).
+    pub max_scan_events: u64,
     /// Signs query cursors (base64url, at least 32 bytes): the same on
     /// every aggregator behind one address, so a cursor from one opens on
     /// another. Empty: a key derived from the first edge key (rotating
@@ -153,6 +156,7 @@ impl Default for ReadApiConfig {
             ip_requests_per_minute: 600,
             statement_timeout_ms: 10_000,
             max_scan_span_secs: 7 * 86_400,
+            max_scan_events: 1_000_000,
             cursor_secret: Redacted::default(),
         }
     }

@@ -74,8 +74,7 @@ pub(crate) async fn stats(
         Ok(a) => a,
         Err(refused) => return refused,
     };
-    let max_span = app.read_api.max_scan_span_secs;
-    let series = super::stats::stats(a.db, &a.who, &a.params, a.now, max_span)
+    let series = super::stats::stats(a.db, &a.who, &a.params, a.now, &app.read_api)
         .await
         .map(|series| StatsAnswer {
             request_id: a.id.clone(),

@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use super::QueryError;
 use super::params::{Query, parse_stats, scope_to_caller};
 use super::sql::{Dialect, dialect, push_filters, unavailable};
+use crate::config::ReadApiConfig;
 use crate::db::Db;
 use crate::sinks::postgres::{DIMENSIONS, users};
 
@@ -62,13 +63,14 @@ pub const MAX_STATS_ROWS: i64 = 10_000;
 /// `from`, the last 24 hours.
 ///
 /// A query the rollups and sketches cannot answer reads rows: its
-/// `to - from` may be at most `max_scan_span_secs` (`40019` beyond).
+/// `to - from` may be at most `max_scan_span_secs`, and on PostgreSQL the
+/// events it reads at most `max_scan_events` (`40019` beyond either).
 pub async fn stats(
     db: &Db,
     who: &ClientRecord,
     params: &[(String, String)],
     now_ms: i64,
-    max_scan_span_secs: u64,
+    limits: &ReadApiConfig,
 ) -> Result<StatsAnswer, QueryError> {
     if !who.permissions.allows("read", "stats") {
         return Err(QueryError(
@@ -125,12 +127,25 @@ pub async fn stats(
             let from = q.from_us.unwrap_or(0);
             let to = q.to_us.unwrap_or(now_ms.saturating_mul(1000));
             let span_secs = u64::try_from(to.saturating_sub(from) / 1_000_000).unwrap_or(0);
-            if span_secs > max_scan_span_secs {
+            if span_secs > limits.max_scan_span_secs {
                 return Err(QueryError(
                     ErrorCode::QueryRangeTooLarge,
                     format!(
                         "this query reads every matching event (a filter the per-minute counts cannot answer, or distinct users the hourly sketches cannot): its from..to may span at most {} s (read_api.max_scan_span_secs), this one spans {span_secs} s",
-                        max_scan_span_secs
+                        limits.max_scan_span_secs
+                    ),
+                ));
+            }
+            if let Db::Postgres(p) = db
+                && limits.max_scan_events > 0
+                && let Some(events) = scan_bound(p, &q, to).await?
+                && events > limits.max_scan_events
+            {
+                return Err(QueryError(
+                    ErrorCode::QueryRangeTooLarge,
+                    format!(
+                        "this query reads every matching event (a filter the per-minute counts cannot answer, or distinct users the hourly sketches cannot), and the per-minute counts say it would read {events} of them: at most {} may be read (read_api.max_scan_events); narrow from..to",
+                        limits.max_scan_events
                     ),
                 ));
             }
@@ -164,6 +179,51 @@ pub async fn stats(
         series,
         request_id: String::new(),
     })
+}
+
+/// At most how many events a row scan of `q` (up to `to_us`) reads, as the
+/// per-minute counts tell: the events of its minutes (rounded outwards)
+/// under its most selective filter on a dimension they count by, or all of
+/// them. `None` when a filter on a user or a session picks the rows through
+/// that column's own index (few rows, and no count of them is kept).
+async fn scan_bound(pool: &sqlx::PgPool, q: &Query, to_us: i64) -> Result<Option<u64>, QueryError> {
+    if q.filters.contains_key("user_id") || q.filters.contains_key("session_id") {
+        return Ok(None);
+    }
+    const MINUTE_US: i64 = 60_000_000;
+    let from_minute = q.from_us.unwrap_or(0).div_euclid(MINUTE_US);
+    let to_minute = to_us.div_euclid(MINUTE_US) + 1;
+    let mut dims: Vec<(&str, Option<&String>)> = ROLLUP_DIMS
+        .iter()
+        .filter_map(|d| Some((*d, Some(q.filters.get(*d)?))))
+        .collect();
+    if dims.is_empty() {
+        dims.push(("", None));
+    }
+    let mut bound = u64::MAX;
+    for (dim, value) in dims {
+        let mut sql = QueryBuilder::<sqlx::Postgres>::new(
+            "SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE dim = ",
+        );
+        sql.push_bind(dim);
+        if let Some(v) = value {
+            sql.push(" AND value = ").push_bind(v.clone());
+        }
+        if let Some(c) = q.filters.get("client_id") {
+            sql.push(" AND client_id = ").push_bind(c.clone());
+        }
+        sql.push(" AND minute >= ")
+            .push_bind(from_minute)
+            .push(" AND minute < ")
+            .push_bind(to_minute);
+        let events: i64 = sql
+            .build_query_scalar()
+            .fetch_one(pool)
+            .await
+            .map_err(unavailable)?;
+        bound = bound.min(u64::try_from(events).unwrap_or(0));
+    }
+    Ok(Some(bound))
 }
 
 /// Whether the user sketches can answer distinct users over `q`'s range
