@@ -521,6 +521,14 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
             mib > 1.0 && mib <= peak + 0.1,
             "a sample is the server's resident memory, at most its peak {peak}: {samples:?}"
         );
+        let (anon, file) = (
+            s["anon_mib"].as_f64().unwrap(),
+            s["file_mib"].as_f64().unwrap(),
+        );
+        assert!(
+            anon > 0.0 && file > 0.0 && (anon + file - mib).abs() < 1.0,
+            "anonymous and file-backed memory make up the resident memory: {samples:?}"
+        );
         last_secs = secs;
     }
     assert_eq!(

@@ -156,7 +156,7 @@ impl Default for ReadApiConfig {
             ip_requests_per_minute: 600,
             statement_timeout_ms: 10_000,
             max_scan_span_secs: 7 * 86_400,
-            max_scan_events: 1_000_000,
+            max_scan_events: 500_000,
             cursor_secret: Redacted::default(),
         }
     }

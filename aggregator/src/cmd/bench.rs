@@ -140,6 +140,11 @@ pub struct RssSample {
     pub secs: f64,
     /// Resident memory, MiB.
     pub mib: f64,
+    /// Of which anonymous (the heap, stacks), MiB: what a leak grows.
+    pub anon_mib: Option<f64>,
+    /// Of which file-backed (the binary, the mapped GeoIP databases: pages
+    /// lookups touched, which the kernel may drop), MiB.
+    pub file_mib: Option<f64>,
 }
 
 /// Latency percentiles, milliseconds.
@@ -362,12 +367,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     if let Some(sampler) = rss_sampler {
         server_rss_samples = sampler.await?;
     }
-    if let Some(mib) = opts.server_pid.and_then(|pid| status_mib(pid, "VmRSS:")) {
-        server_rss_samples.push(RssSample {
-            secs: started.elapsed().as_secs_f64(),
-            mib,
-        });
-    }
+    server_rss_samples.extend(opts.server_pid.and_then(|pid| rss_sample(pid, started)));
 
     let baseline_copy_runs = match &opts.baseline_postgres {
         Some(url) => {
@@ -538,12 +538,7 @@ async fn sample_rss(
 ) -> Vec<RssSample> {
     let mut samples = Vec::new();
     loop {
-        if let Some(mib) = status_mib(pid, "VmRSS:") {
-            samples.push(RssSample {
-                secs: started.elapsed().as_secs_f64(),
-                mib,
-            });
-        }
+        samples.extend(rss_sample(pid, started));
         tokio::select! {
             _ = &mut stop => return samples,
             () = tokio::time::sleep(every) => {}
@@ -551,9 +546,27 @@ async fn sample_rss(
     }
 }
 
+/// The server's resident memory now (Linux).
+fn rss_sample(pid: u32, started: Instant) -> Option<RssSample> {
+    // One read, so the parts add up to the whole.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(RssSample {
+        secs: started.elapsed().as_secs_f64(),
+        mib: field_mib(&status, "VmRSS:")?,
+        anon_mib: field_mib(&status, "RssAnon:"),
+        file_mib: field_mib(&status, "RssFile:"),
+    })
+}
+
 /// A memory line of `/proc/PID/status` (`VmHWM:` peak, `VmRSS:` now), MiB.
 fn status_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    field_mib(
+        &std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        field,
+    )
+}
+
+fn field_mib(status: &str, field: &str) -> Option<f64> {
     let kb: f64 = status
         .lines()
         .find(|l| l.starts_with(field))?
@@ -612,7 +625,10 @@ impl BenchReport {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| i % step == 0 || *i == n - 1)
-                .map(|(_, r)| format!("{:.0} s {:.1}", r.secs, r.mib))
+                .map(|(_, r)| match r.anon_mib {
+                    Some(anon) => format!("{:.0} s {:.1} (anon {anon:.1})", r.secs, r.mib),
+                    None => format!("{:.0} s {:.1}", r.secs, r.mib),
+                })
                 .collect();
             s.push_str(&format!(
                 "server RSS MiB over the run: {}\n",
