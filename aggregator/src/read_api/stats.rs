@@ -203,19 +203,16 @@ async fn scan_bound(pool: &sqlx::PgPool, q: &Query, to_us: i64) -> Result<Option
     let mut bound = u64::MAX;
     for (dim, value) in dims {
         let mut sql = QueryBuilder::<sqlx::Postgres>::new(
-            "SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE dim = ",
+            "SELECT coalesce(sum(events), 0)::int8 FROM event_counts WHERE ",
         );
-        sql.push_bind(dim);
-        if let Some(v) = value {
-            sql.push(" AND value = ").push_bind(v.clone());
-        }
-        if let Some(c) = q.filters.get("client_id") {
-            sql.push(" AND client_id = ").push_bind(c.clone());
-        }
-        sql.push(" AND minute >= ")
-            .push_bind(from_minute)
-            .push(" AND minute < ")
-            .push_bind(to_minute);
+        push_counts_where(
+            &mut sql,
+            dim,
+            value.cloned(),
+            q,
+            Some(from_minute),
+            Some(to_minute),
+        );
         let events: i64 = sql
             .build_query_scalar()
             .fetch_one(pool)
@@ -315,28 +312,48 @@ async fn rollup_stats(
     let m = bucket_micros(bucket) / 60_000_000;
     let mut sql = QueryBuilder::<sqlx::Postgres>::new(format!(
         "SELECT (minute / {m}) * {m} * 60000 AS b, {} AS k, sum(events)::int8 AS events, \
-         0::int8 AS users FROM event_counts WHERE dim = ",
+         0::int8 AS users FROM event_counts WHERE ",
         plan.key
     ));
-    sql.push_bind(plan.dim);
-    if let Some(v) = &plan.value {
-        sql.push(" AND value = ").push_bind(v.clone());
-    }
-    if let Some(c) = q.filters.get("client_id") {
-        sql.push(" AND client_id = ").push_bind(c.clone());
-    }
-    if let Some(f) = q.from_us {
-        sql.push(" AND minute >= ").push_bind(f / 60_000_000);
-    }
-    if let Some(t) = q.to_us {
-        sql.push(" AND minute < ").push_bind(t / 60_000_000);
-    }
+    push_counts_where(
+        &mut sql,
+        plan.dim,
+        plan.value.clone(),
+        q,
+        q.from_us.map(|f| f / 60_000_000),
+        q.to_us.map(|t| t / 60_000_000),
+    );
     sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ")
         .push_bind(MAX_STATS_ROWS + 1);
     sql.build_query_as()
         .fetch_all(pool)
         .await
         .map_err(unavailable)
+}
+
+/// The `event_counts` rows of one dimension (and value), of `q`'s client
+/// if it names one, in minutes `from_minute..to_minute`.
+fn push_counts_where(
+    sql: &mut QueryBuilder<'_, sqlx::Postgres>,
+    dim: &'static str,
+    value: Option<String>,
+    q: &Query,
+    from_minute: Option<i64>,
+    to_minute: Option<i64>,
+) {
+    sql.push("dim = ").push_bind(dim);
+    if let Some(v) = value {
+        sql.push(" AND value = ").push_bind(v);
+    }
+    if let Some(c) = q.filters.get("client_id") {
+        sql.push(" AND client_id = ").push_bind(c.clone());
+    }
+    if let Some(f) = from_minute {
+        sql.push(" AND minute >= ").push_bind(f);
+    }
+    if let Some(t) = to_minute {
+        sql.push(" AND minute < ").push_bind(t);
+    }
 }
 
 /// Stats from the events themselves (SQLite; distinct users per minute or
