@@ -15,6 +15,9 @@
 //!   200 / the reported time.
 //!
 //! `cargo bench -p outpost-edge-host --bench edge`; numbers in BENCHMARKS.md.
+//! `OUTPOST_EDGE_COMPONENT` picks another component,
+//! `BENCH_KEEP_RESIDENT_BYTES` another `limits.keep_resident_bytes`, and
+//! `OUTPOST_EDGE_PERFMAP=1` lets `perf` name the guest's functions.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -49,6 +52,19 @@ fn component() -> PathBuf {
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
                 .join("wasm32-wasip2/wasm/outpost_edge_spin.wasm")
         })
+}
+
+/// The host's defaults, but for `BENCH_KEEP_RESIDENT_BYTES` (`=0` compares
+/// with every page given back after each request).
+fn host_config() -> HostConfig {
+    let mut cfg = HostConfig::new(component());
+    if let Some(n) = std::env::var("BENCH_KEEP_RESIDENT_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.limits.keep_resident_bytes = n;
+    }
+    cfg
 }
 
 /// A stand-in aggregator: the HMAC client record, and `202` for every frame.
@@ -181,7 +197,7 @@ fn bench(c: &mut Criterion) {
         // would answer most of them 429 before the pipeline runs.
         ("ip_requests_per_minute".to_owned(), "0".to_owned()),
     ]);
-    let mut cfg = HostConfig::new(component());
+    let mut cfg = host_config();
     cfg.variables = vars;
     let started = Instant::now();
     let host = std::sync::Arc::new(EdgeHost::new(cfg).expect("build the component first"));
@@ -244,7 +260,7 @@ fn bench(c: &mut Criterion) {
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     let served = EdgeHost::new({
-        let mut cfg = HostConfig::new(component());
+        let mut cfg = host_config();
         cfg.variables = BTreeMap::from([
             ("aggregator_url".to_owned(), rt.block_on(stand_in())),
             ("edge_key_id".to_owned(), "bench".to_owned()),

@@ -169,6 +169,8 @@ impl HostMetrics {
 const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
 const MEMORIES_PER_COMPONENT: u32 = 2;
 const TABLES_PER_COMPONENT: u32 = 16;
+/// A component's tables are small (a few function references each).
+const TABLE_KEEP_RESIDENT_BYTES: usize = 64 << 10;
 
 /// The instance pool: `limits.max_instances` slots, each with room for one
 /// instance of the component and `limits.memory_bytes` of linear memory.
@@ -181,6 +183,11 @@ fn pool(limits: &Limits) -> PoolingAllocationConfig {
         .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
         .total_stacks(n)
         .max_memory_size(limits.memory_bytes);
+    // A slot's memory is zeroed with memset up to this size when its
+    // instance ends, instead of handed back to the kernel: the next
+    // instance then takes no page faults there (BENCHMARKS.md).
+    pool.linear_memory_keep_resident(limits.keep_resident_bytes)
+        .table_keep_resident(limits.keep_resident_bytes.min(TABLE_KEEP_RESIDENT_BYTES));
     pool
 }
 
@@ -201,6 +208,12 @@ impl EdgeHost {
         config.wasm_component_model_async(true);
         config.epoch_interruption(true);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(&cfg.limits)));
+        // For profiling the guest with `perf`: Cranelift's code is listed
+        // in /tmp/perf-<pid>.map under the component's function names
+        // (BENCHMARKS.md, "Where an accepted batch goes inside the guest").
+        if std::env::var_os("OUTPOST_EDGE_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
 
         let started = Instant::now();
