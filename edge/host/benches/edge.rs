@@ -8,6 +8,8 @@
 //!   frame) and the forward to a local stand-in aggregator over loopback.
 //! * `hmac_batch_100_refused`: the same with a wrong signature — parsed and
 //!   verified, then refused: no KV, no frame, no forward.
+//! * `write_key_batch_100`: the same batch as a browser sends it, under a
+//!   public write key from an allowed origin (no signature to check).
 //! * `not_found`: the smallest request (instantiate, read the settings,
 //!   answer 404): the floor under every request.
 //! * `http_concurrent/N`: 200 batches over real HTTP connections to the
@@ -42,6 +44,8 @@ const EDGE_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY";
 /// `EDGE_SECRET` decoded (base64url).
 const EDGE_SECRET_BYTES: &[u8] = b"0123456789abcdef0123456789abcdef";
 const CLIENT_SECRET: &[u8] = b"bench-client-hmac-secret";
+const WRITE_KEY: &str = "web-bench";
+const ORIGIN: &str = "https://shop.example";
 
 fn component() -> PathBuf {
     std::env::var_os("OUTPOST_EDGE_COMPONENT")
@@ -87,9 +91,18 @@ async fn stand_in() -> String {
         active: true,
         expires_at: None,
     };
+    // A browser's client: a public write key, from one allowed origin.
+    let web = ClientRecord {
+        id: WRITE_KEY.into(),
+        method: AuthMethod::WriteKey,
+        credentials: Vec::new(),
+        allowed_origins: vec![ORIGIN.into()],
+        ..record.clone()
+    };
     // Sealed per lookup, as the aggregator does: under a key derived from
     // the edge key, bound to the client id and the lookup's timestamp.
     let record = Bytes::from(serde_json::to_vec(&record).unwrap());
+    let web = Bytes::from(serde_json::to_vec(&web).unwrap());
     let seal_key = std::sync::Arc::new(SealKey::derive(EDGE_SECRET_BYTES, PURPOSE_CLIENT_RECORD));
     let nonces = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
     let accepted = Bytes::from_static(
@@ -102,30 +115,34 @@ async fn stand_in() -> String {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let (record, accepted) = (record.clone(), accepted.clone());
+            let (record, web, accepted) = (record.clone(), web.clone(), accepted.clone());
             let (seal_key, nonces) = (seal_key.clone(), nonces.clone());
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (record, accepted) = (record.clone(), accepted.clone());
+                    let (record, web, accepted) = (record.clone(), web.clone(), accepted.clone());
                     let (seal_key, nonces) = (seal_key.clone(), nonces.clone());
                     async move {
-                        let lookup_ts = req.uri().path().starts_with("/internal/").then(|| {
-                            req.headers()
+                        let lookup = req.uri().path().starts_with("/internal/").then(|| {
+                            let ts = req
+                                .headers()
                                 .get(signature::HEADER_TIMESTAMP)
                                 .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
-                                .unwrap_or(0)
+                                .unwrap_or(0);
+                            (req.uri().path().ends_with(WRITE_KEY), ts)
                         });
                         let _ = req.into_body().collect().await;
-                        let (status, content_type, body) = match lookup_ts {
-                            Some(ts) => {
+                        let (status, content_type, body) = match lookup {
+                            Some((is_web, ts)) => {
                                 let n = nonces.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 let mut nonce = [0u8; 12];
                                 nonce[..8].copy_from_slice(&n.to_le_bytes());
-                                let sealed = seal_key.seal(
-                                    nonce,
-                                    &client_record_context("server", ts),
-                                    &record,
-                                );
+                                let (id, plain) = if is_web {
+                                    (WRITE_KEY, &web)
+                                } else {
+                                    ("server", &record)
+                                };
+                                let sealed =
+                                    seal_key.seal(nonce, &client_record_context(id, ts), plain);
                                 (200, SEALED_RECORD_CONTENT_TYPE, Bytes::from(sealed))
                             }
                             None => (202, "application/json", accepted),
@@ -245,6 +262,24 @@ fn bench(c: &mut Criterion) {
             host.handle(http::Request::from_parts(parts, body), peer)
         })
     });
+    // What a browser sends: the same batch under a public write key, from
+    // an allowed origin — no signature, so no SHA-256 of the body.
+    let from_browser = || {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("/v1/batch?write_key={WRITE_KEY}"))
+            .header("content-type", "application/json")
+            .header("origin", ORIGIN)
+            .body(Full::new(Bytes::copy_from_slice(&body)))
+            .unwrap()
+    };
+    let resp = rt.block_on(host.handle(from_browser(), peer));
+    assert_eq!(resp.status(), 202, "{resp:?}");
+    c.bench_function("edge/write_key_batch_100", |b| {
+        b.to_async(&rt).iter(|| host.handle(from_browser(), peer))
+    });
+    let resp = rt.block_on(host.handle(from_browser(), peer));
+    assert_eq!(resp.status(), 202, "{resp:?}");
     c.bench_function("edge/not_found", |b| {
         b.to_async(&rt).iter(|| {
             host.handle(
