@@ -80,11 +80,25 @@ impl Listener {
     }
 }
 
+/// Longest the listener waits for a connection it evicted to close.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
 /// One open connection, as the cap sees it.
 struct Conn {
     opened: Instant,
     in_flight: Arc<AtomicUsize>,
-    close: Option<oneshot::Sender<()>>,
+    /// Closes it; the sender passed along is answered once it is closed.
+    close: Option<oneshot::Sender<oneshot::Sender<()>>>,
+}
+
+/// What the cap says about one more connection.
+enum Room {
+    Free,
+    /// Another was closed to make room: wait for `closed` before serving,
+    /// so that the open sockets never pass the cap, however fast they
+    /// arrive.
+    Evicted(oneshot::Receiver<()>),
+    Full,
 }
 
 /// The open connections.
@@ -102,11 +116,11 @@ impl Conns {
     }
 
     /// Makes room for one more under `max`: closes the oldest connection
-    /// with no request in flight. False when every one is busy.
-    fn make_room(&self, max: usize) -> bool {
+    /// with no request in flight. `Full` when every one is busy.
+    fn make_room(&self, max: usize) -> Room {
         let mut conns = self.lock();
         if conns.len() < max {
-            return true;
+            return Room::Free;
         }
         let idle = conns
             .iter()
@@ -115,12 +129,13 @@ impl Conns {
             .map(|(id, _)| *id);
         match idle.and_then(|id| conns.remove(&id)) {
             Some(mut c) => {
+                let (closed_tx, closed_rx) = oneshot::channel();
                 if let Some(close) = c.close.take() {
-                    let _ = close.send(());
+                    let _ = close.send(closed_tx);
                 }
-                true
+                Room::Evicted(closed_rx)
             }
-            None => false,
+            None => Room::Full,
         }
     }
 }
@@ -152,13 +167,21 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        if !conns.make_room(listener.max_connections) {
-            metrics
-                .http_connections_closed
-                .get_or_create(&crate::telemetry::ReasonLabel { reason: "refused" })
-                .inc();
-            drop(stream);
-            continue;
+        match conns.make_room(listener.max_connections) {
+            Room::Free => {}
+            // Its task drops the socket at once (nothing is in flight); the
+            // bound only keeps a stuck task from stalling the listener.
+            Room::Evicted(closed) => {
+                let _ = tokio::time::timeout(EVICTION_WAIT, closed).await;
+            }
+            Room::Full => {
+                metrics
+                    .http_connections_closed
+                    .get_or_create(&crate::telemetry::ReasonLabel { reason: "refused" })
+                    .inc();
+                drop(stream);
+                continue;
+            }
         }
         let _ = stream.set_nodelay(true);
         let id = conns.next.fetch_add(1, Ordering::Relaxed);
@@ -219,6 +242,7 @@ pub async fn serve(
                     }
                 }
             };
+            let mut evicted = None;
             let reason = tokio::select! {
                 r = served => match r {
                     Ok(()) => "closed",
@@ -228,7 +252,10 @@ pub async fn serve(
                         "error"
                     }
                 },
-                _ = close_rx => "evicted",
+                closed = close_rx => {
+                    evicted = closed.ok();
+                    "evicted"
+                }
             };
             conns.lock().remove(&id);
             metrics.http_connections.dec();
@@ -236,6 +263,9 @@ pub async fn serve(
                 .http_connections_closed
                 .get_or_create(&crate::telemetry::ReasonLabel { reason })
                 .inc();
+            if let Some(closed) = evicted {
+                let _ = closed.send(());
+            }
         });
     }
     drop(listener.tcp);
