@@ -210,7 +210,7 @@ impl EdgeHost {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(&cfg.limits)));
         // For profiling the guest with `perf`: Cranelift's code is listed
         // in /tmp/perf-<pid>.map under the component's function names
-        // (BENCHMARKS.md, "Where an accepted batch goes inside the guest").
+        // (BENCHMARKS.md, "Speed, issue 18 — inside the guest").
         if std::env::var_os("OUTPOST_EDGE_PERFMAP").is_some_and(|v| v == "1") {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
