@@ -91,6 +91,8 @@ pub struct EdgeHost {
     /// the host refuses a body before the component sees it.
     guest_body_limit: String,
     counters: Arc<Counters>,
+    /// The instance pool's own counts (instances alive, memory kept).
+    pool: Option<wasmtime::PoolingAllocatorMetrics>,
 }
 
 /// Requests answered, by status class, and connections turned away.
@@ -108,6 +110,7 @@ pub struct HostMetrics {
     counters: Arc<Counters>,
     connections: Arc<tokio::sync::Semaphore>,
     max_connections: usize,
+    pool: Option<wasmtime::PoolingAllocatorMetrics>,
 }
 
 impl HostMetrics {
@@ -158,6 +161,16 @@ impl HostMetrics {
             "outpost_edge_connections_refused_total {}",
             self.counters.connections_refused.load(Ordering::Relaxed)
         );
+        if let Some(pool) = &self.pool {
+            out.push_str("# HELP outpost_edge_instances Instances of the component alive now (at most limits.max_instances).\n# TYPE outpost_edge_instances gauge\n");
+            let _ = writeln!(out, "outpost_edge_instances {}", pool.component_instances());
+            out.push_str("# HELP outpost_edge_pool_resident_bytes Memory the instance pool keeps resident in slots no instance uses now (at most limits.max_instances × limits.keep_resident_bytes, and their tables).\n# TYPE outpost_edge_pool_resident_bytes gauge\n");
+            let _ = writeln!(
+                out,
+                "outpost_edge_pool_resident_bytes {}",
+                pool.unused_memory_bytes_resident() + pool.unused_table_bytes_resident()
+            );
+        }
         out
     }
 }
@@ -215,6 +228,7 @@ impl EdgeHost {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let engine = Engine::new(&config)?;
+        let pool = engine.pooling_allocator_metrics();
 
         let started = Instant::now();
         let component = Component::from_file(&engine, &cfg.component).map_err(|e| {
@@ -276,6 +290,7 @@ impl EdgeHost {
             )),
             guest_body_limit,
             counters: Arc::default(),
+            pool,
             shared: Arc::new(Shared {
                 variables: cfg.variables,
                 kv,
@@ -313,6 +328,7 @@ impl EdgeHost {
             counters: Arc::clone(&self.counters),
             connections: Arc::clone(&self.connections),
             max_connections: self.limits.max_connections.max(1) as usize,
+            pool: self.pool.clone(),
         }
     }
 

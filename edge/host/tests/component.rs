@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use outpost_edge_host::{EdgeHost, HostConfig, KvConfig};
+use outpost_edge_host::{EdgeHost, HostConfig, KvConfig, Limits};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
@@ -417,6 +417,7 @@ async fn a_request_finding_every_instance_busy_waits_until_its_deadline_then_get
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert_eq!(metric(&edge, "outpost_edge_instances"), 1);
     // Any other request waits for it, and gives up at its own deadline.
     let started = Instant::now();
     let waiting = send(edge.addr, None, get("/nope"), "").await;
@@ -436,6 +437,12 @@ async fn a_request_finding_every_instance_busy_waits_until_its_deadline_then_get
     // The instance is back in the pool: the next request is served.
     let nope = send(edge.addr, None, get("/nope"), "").await;
     assert_eq!(nope.status, 404, "{}", nope.json);
+    // Its slot keeps some memory, zeroed, within `keep_resident_bytes`
+    // for each of the component's memories and a little for its tables.
+    assert_eq!(metric(&edge, "outpost_edge_instances"), 0);
+    let kept = metric(&edge, "outpost_edge_pool_resident_bytes");
+    let bound = 2 * Limits::default().keep_resident_bytes as u64 + (1 << 20);
+    assert!(kept > 0 && kept <= bound, "{kept} bytes kept");
     edge.shutdown().await;
 }
 
@@ -508,6 +515,8 @@ async fn instances_come_and_go_but_connections_to_the_aggregator_are_kept_alive(
     let agg = Aggregator::start().await;
     let mut cfg = HostConfig::new(component());
     cfg.variables = agg.variables();
+    // And with nothing kept resident, each instance's memory goes back.
+    cfg.limits.keep_resident_bytes = 0;
     let edge = Edge::start(cfg).await;
     // Each request asks the aggregator for another (unknown) client.
     for id in ["pool-a", "pool-b", "pool-c", "pool-d"] {
@@ -531,5 +540,6 @@ async fn instances_come_and_go_but_connections_to_the_aggregator_are_kept_alive(
         1,
         "four requests from four instances should share one kept-alive connection"
     );
+    assert_eq!(metric(&edge, "outpost_edge_pool_resident_bytes"), 0);
     edge.shutdown().await;
 }
