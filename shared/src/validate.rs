@@ -7,6 +7,7 @@
 //! Whole-request problems (bad JSON, too many events) fail the request.
 
 use std::collections::HashSet;
+use std::marker::PhantomData;
 
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -80,30 +81,43 @@ pub struct BatchOutcome {
     pub write_key: Option<String>,
 }
 
-/// The body's top level. Read in one pass: the `batch` array is split into
-/// its events as it is read, not captured whole and then read again.
-struct RawBatch<'a> {
-    batch: Option<Vec<&'a RawValue>>,
+/// The body's top level, its `batch` array read as `T`s: raw events to be
+/// judged one by one, or whole events when the batch is read in one pass.
+struct RawBatch<T> {
+    batch: Option<Vec<T>>,
     sent_at: Option<Timestamp>,
     write_key: Option<String>,
 }
 
 const BODY_FIELDS: &[&str] = &["batch", "sent_at", "write_key"];
 
-/// Reads the body's object; `max` bounds the batch as [`BoundedRawArray`].
-struct BodySeed {
+/// Reads the body's object; `max` bounds the batch as [`BoundedArray`],
+/// `capacity` is what its vector starts with.
+struct BodySeed<T> {
     max: usize,
+    capacity: usize,
+    item: PhantomData<T>,
 }
 
-impl<'de> DeserializeSeed<'de> for BodySeed {
-    type Value = RawBatch<'de>;
+impl<T> BodySeed<T> {
+    fn new(max: usize, capacity: usize) -> Self {
+        BodySeed {
+            max,
+            capacity: capacity.min(max),
+            item: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for BodySeed<T> {
+    type Value = RawBatch<T>;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for BodySeed {
-    type Value = RawBatch<'de>;
+impl<'de, T: Deserialize<'de>> Visitor<'de> for BodySeed<T> {
+    type Value = RawBatch<T>;
     fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("a JSON object: {\"batch\": [...]}")
     }
@@ -122,7 +136,7 @@ impl<'de> Visitor<'de> for BodySeed {
                 return Err(serde::de::Error::duplicate_field(BODY_FIELDS[i]));
             }
             match i {
-                0 => out.batch = map.next_value_seed(OptionalArray { max: self.max })?,
+                0 => out.batch = map.next_value_seed(self.array())?,
                 1 => out.sent_at = map.next_value()?,
                 _ => out.write_key = map.next_value()?,
             }
@@ -131,20 +145,34 @@ impl<'de> Visitor<'de> for BodySeed {
     }
 }
 
-/// `batch`: `null` is as good as absent.
-struct OptionalArray {
+/// `batch`: `null` is as good as absent. Reads a JSON array, stopping as
+/// soon as it holds more than `max` (so a body of tiny elements cannot make
+/// a huge vector).
+struct BoundedArray<T> {
     max: usize,
+    capacity: usize,
+    item: PhantomData<T>,
 }
 
-impl<'de> DeserializeSeed<'de> for OptionalArray {
-    type Value = Option<Vec<&'de RawValue>>;
+impl<T> BodySeed<T> {
+    fn array(&self) -> BoundedArray<T> {
+        BoundedArray {
+            max: self.max,
+            capacity: self.capacity,
+            item: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for BoundedArray<T> {
+    type Value = Option<Vec<T>>;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_option(self)
     }
 }
 
-impl<'de> Visitor<'de> for OptionalArray {
-    type Value = Option<Vec<&'de RawValue>>;
+impl<'de, T: Deserialize<'de>> Visitor<'de> for BoundedArray<T> {
+    type Value = Option<Vec<T>>;
     fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(EXPECTED_ARRAY)
     }
@@ -152,37 +180,17 @@ impl<'de> Visitor<'de> for OptionalArray {
         Ok(None)
     }
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        BoundedRawArray { max: self.max }.deserialize(d).map(Some)
-    }
-}
-
-/// Reads a JSON array into raw elements, stopping as soon as it holds more
-/// than `max` (so a body of tiny elements cannot make a huge vector).
-struct BoundedRawArray {
-    max: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for BoundedRawArray {
-    type Value = Vec<&'de RawValue>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
     }
-}
-
-impl<'de> Visitor<'de> for BoundedRawArray {
-    type Value = Vec<&'de RawValue>;
-    fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(EXPECTED_ARRAY)
-    }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
-        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+        let mut out = Vec::with_capacity(self.capacity);
+        while let Some(item) = seq.next_element::<T>()? {
             if out.len() == self.max {
                 return Err(serde::de::Error::custom(TOO_MANY));
             }
             out.push(item);
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }
 
@@ -199,6 +207,86 @@ pub fn parse_batch(
     limits: &Limits,
     received_at: Timestamp,
 ) -> Result<BatchOutcome, FieldError> {
+    // Nearly every batch is valid through and through: one pass reads it.
+    // Anything that pass cannot vouch for is read again event by event,
+    // which gives every answer with an error in it.
+    match parse_valid_batch(body, limits, received_at) {
+        Some(outcome) => Ok(outcome),
+        None => parse_batch_by_event(body, limits, received_at),
+    }
+}
+
+/// A batch read in one pass straight into events, or `None` when anything
+/// about it — a rule broken, a shape not expected — needs
+/// [`parse_batch_by_event`] to answer. It accepts exactly what that would
+/// accept, with the same events: every event passes [`validate_event`];
+/// the body is no deeper than where [`parse_batch_by_event`] skips the
+/// per-event depth scan; each event's size is measured by the same depth
+/// scan, on the events it found.
+fn parse_valid_batch(body: &[u8], limits: &Limits, received_at: Timestamp) -> Option<BatchOutcome> {
+    let shallow = event_max_depth(limits).saturating_add(2);
+    if body.len() > limits.max_body_bytes
+        || first_byte(body) != Some(b'{')
+        || shallow > MAX_REQUEST_DEPTH
+    {
+        return None;
+    }
+    // Once the body has parsed as a batch, the containers that open at
+    // depth 3 (inside its object and the `batch` array) are its events:
+    // nothing else in a batch can hold one.
+    let (mut start, mut events, mut refused) = (0, 0usize, false);
+    let depth = walk_nesting(body, shallow, |at, depth| {
+        if depth != 3 {
+            return;
+        }
+        match body.get(at) {
+            Some(b'{') => start = at,
+            Some(b'}') => {
+                events += 1;
+                refused |= at.saturating_sub(start) >= limits.max_event_bytes;
+            }
+            // An array where an event should be.
+            _ => refused = true,
+        }
+    });
+    if depth > shallow || refused {
+        return None;
+    }
+    // One check of the whole body is cheaper than one per string.
+    let text = core::str::from_utf8(body).ok()?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw = BodySeed::<Event>::new(limits.max_batch_events, events)
+        .deserialize(&mut de)
+        .ok()?;
+    de.end().ok()?;
+    let mut accepted = raw.batch?;
+    if accepted.is_empty() || accepted.len() != events {
+        return None;
+    }
+    for event in &mut accepted {
+        validate_event(event, limits, received_at).ok()?;
+    }
+    let mut ids = HashSet::with_capacity(accepted.len());
+    if !accepted.iter().all(|e| ids.insert(e.event_id.as_str())) {
+        return None;
+    }
+    Some(BatchOutcome {
+        accepted,
+        rejected: Vec::new(),
+        sent_at: raw.sent_at,
+        write_key: raw.write_key,
+    })
+}
+
+/// [`parse_batch`] one event at a time: each event is cut out of the body
+/// and judged on its own, so that one bad event is refused with its index
+/// and the others go on. Gives the same answer as [`parse_batch`] for every
+/// body (public for the differential fuzz target); slower on valid ones.
+pub fn parse_batch_by_event(
+    body: &[u8],
+    limits: &Limits,
+    received_at: Timestamp,
+) -> Result<BatchOutcome, FieldError> {
     if body.len() > limits.max_body_bytes {
         return Err(FieldError::new(
             ErrorCode::BodyTooLarge,
@@ -211,30 +299,29 @@ pub fn parse_batch(
     // than an event may be plus those two needs no scan of each event.
     let events_shallow = depth <= event_max_depth(limits).saturating_add(2);
     let mut de = serde_json::Deserializer::from_slice(body);
-    let raw = BodySeed {
-        max: limits.max_batch_events,
-    }
-    .deserialize(&mut de)
-    .and_then(|raw| de.end().map(|()| raw))
-    .map_err(|e| {
-        let msg = e.to_string();
-        if msg.starts_with(TOO_MANY) {
-            FieldError::new(
-                ErrorCode::TooManyEvents,
-                Some("batch"),
-                format!("a batch holds at most {} events", limits.max_batch_events),
-            )
-        } else if e.classify() == serde_json::error::Category::Data && msg.contains(EXPECTED_ARRAY)
-        {
-            FieldError::new(
-                ErrorCode::InvalidField,
-                Some("batch"),
-                "batch must be an array",
-            )
-        } else {
-            request_error(&e)
-        }
-    })?;
+    let raw = BodySeed::<&RawValue>::new(limits.max_batch_events, 0)
+        .deserialize(&mut de)
+        .and_then(|raw| de.end().map(|()| raw))
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.starts_with(TOO_MANY) {
+                FieldError::new(
+                    ErrorCode::TooManyEvents,
+                    Some("batch"),
+                    format!("a batch holds at most {} events", limits.max_batch_events),
+                )
+            } else if e.classify() == serde_json::error::Category::Data
+                && msg.contains(EXPECTED_ARRAY)
+            {
+                FieldError::new(
+                    ErrorCode::InvalidField,
+                    Some("batch"),
+                    "batch must be an array",
+                )
+            } else {
+                request_error(&e)
+            }
+        })?;
     let items = raw.batch.ok_or_else(|| {
         FieldError::new(ErrorCode::MissingField, Some("batch"), "batch is required")
     })?;
@@ -402,6 +489,12 @@ fn first_byte(json: &[u8]) -> Option<u8> {
 /// the parser reports what is wrong with it. Strings are most of a body's
 /// bytes: they are skipped with `memchr` to their closing quote.
 pub fn nesting_depth(json: &[u8], cap: usize) -> usize {
+    walk_nesting(json, cap, |_, _| {})
+}
+
+/// [`nesting_depth`], telling `at` of each bracket outside strings: its
+/// offset and the depth inside it (1 for the outermost).
+fn walk_nesting(json: &[u8], cap: usize, mut at: impl FnMut(usize, usize)) -> usize {
     let (mut depth, mut max) = (0usize, 0usize);
     let mut i = 0;
     while let Some(&b) = json.get(i) {
@@ -424,6 +517,7 @@ pub fn nesting_depth(json: &[u8], cap: usize) -> usize {
             },
             b'[' | b'{' => {
                 depth += 1;
+                at(i - 1, depth);
                 if depth > max {
                     max = depth;
                     if max > cap {
@@ -431,7 +525,10 @@ pub fn nesting_depth(json: &[u8], cap: usize) -> usize {
                     }
                 }
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
+            b']' | b'}' => {
+                at(i - 1, depth);
+                depth = depth.saturating_sub(1);
+            }
             _ => {}
         }
     }
@@ -731,9 +828,93 @@ fn nul_error(field: &str) -> FieldError {
 /// nesting depth, the number of keys and elements, each key's length and
 /// characters, no U+0000 in any string.
 fn check_properties(properties: &Properties, limits: &Limits) -> Result<(), FieldError> {
-    if properties.is_empty() {
+    if properties.is_empty() || plainly_within_limits(properties.get().as_bytes(), limits) {
         return Ok(());
     }
+    scan_properties(properties, limits)
+}
+
+/// Most properties are plain: no escapes in their strings, no exponents in
+/// their numbers. Those are checked here by one loop over their bytes,
+/// without a parser, for every rule [`scan_properties`] applies. `true`:
+/// within the limits. `false`: not plain, or over a limit — the parser's
+/// scan decides (and names the rule).
+///
+/// `text` is JSON already checked by serde_json (it was captured as a
+/// `RawValue`), so strings hold no raw control characters, literals are
+/// `true`/`false`/`null`, and brackets pair up.
+fn plainly_within_limits(text: &[u8], limits: &Limits) -> bool {
+    // One bit per level: set where the container is an object.
+    let max_depth = limits.max_property_depth.min(63);
+    let (mut depth, mut objects, mut entries, mut key_next) = (0usize, 0u64, 0usize, false);
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        i += 1;
+        match b {
+            b'"' => {
+                let rest = text.get(i..).unwrap_or_default();
+                let Some(len) = memchr::memchr2(b'"', b'\\', rest) else {
+                    return false;
+                };
+                let s = rest.get(..len).unwrap_or_default();
+                // An escape may decode to anything: the parser reads it.
+                if rest.get(len) != Some(&b'"') {
+                    return false;
+                }
+                if std::mem::take(&mut key_next) {
+                    entries += 1;
+                    // DEL is the one control character JSON lets through raw.
+                    if s.len() > limits.max_property_key_bytes || s.contains(&0x7f) {
+                        return false;
+                    }
+                }
+                i += len + 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max_depth {
+                    return false;
+                }
+                if b == b'{' {
+                    objects |= 1 << depth;
+                    key_next = true;
+                } else {
+                    objects &= !(1 << depth);
+                    if first_byte(text.get(i..).unwrap_or_default()) != Some(b']') {
+                        entries += 1;
+                    }
+                }
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                key_next = false;
+            }
+            b',' if objects & (1 << depth) != 0 => key_next = true,
+            b',' => entries += 1,
+            b'-' | b'0'..=b'9' => {
+                let rest = text.get(i..).unwrap_or_default();
+                let len = rest
+                    .iter()
+                    .position(|c| !matches!(c, b'0'..=b'9' | b'.' | b'-' | b'+' | b'e' | b'E'))
+                    .unwrap_or(rest.len());
+                let number = rest.get(..len).unwrap_or_default();
+                // Only an exponent or hundreds of digits can pass f64's range.
+                if len > 300 || number.iter().any(|c| matches!(c, b'e' | b'E')) {
+                    return false;
+                }
+                i += len;
+            }
+            b't' | b'n' => i += 3,
+            b'f' => i += 4,
+            _ => {}
+        }
+    }
+    entries <= limits.max_property_entries
+}
+
+/// [`check_properties`] by serde_json's parser: exact for every text,
+/// escapes decoded.
+fn scan_properties(properties: &Properties, limits: &Limits) -> Result<(), FieldError> {
     let mut scan = PropertyScan {
         entries: 0,
         limits,
@@ -1432,6 +1613,282 @@ mod tests {
         let brackets = "[".repeat(100_000);
         let e = parse_batch(brackets.as_bytes(), &Limits::default(), NOW).unwrap_err();
         assert_eq!(e.code, ErrorCode::PropertiesTooDeep);
+    }
+
+    /// What the one-pass reading must give: the event-by-event answer
+    /// when that accepts every event, else nothing (and the caller reads
+    /// event by event).
+    fn assert_one_pass_agrees(body: &[u8], limits: &Limits) -> Option<BatchOutcome> {
+        let by_event = parse_batch_by_event(body, limits, NOW);
+        let one_pass = parse_valid_batch(body, limits, NOW);
+        let text = String::from_utf8_lossy(body);
+        let expected = by_event.clone().ok().filter(|o| o.rejected.is_empty());
+        assert_eq!(one_pass, expected, "{text}");
+        assert_eq!(parse_batch(body, limits, NOW), by_event, "{text}");
+        one_pass
+    }
+
+    #[test]
+    fn valid_batches_are_read_in_one_pass_the_rest_event_by_event() {
+        let sample = crate::sample::typical_events(100);
+        let typical = crate::sample::batch_request_json(&sample);
+        let out = assert_one_pass_agrees(typical.as_bytes(), &Limits::default())
+            .expect("a valid batch is read in one pass");
+        assert_eq!(out.accepted.len(), 100);
+        assert_eq!(out.sent_at, Some(crate::sample::SAMPLE_NOW));
+
+        let limits = Limits {
+            max_batch_events: 3,
+            max_event_bytes: 400,
+            max_body_bytes: 4096,
+            ..Limits::default()
+        };
+        let e = ev(json!({}));
+        let e2 = ev(json!({"event_id": "0192f0c1-7b3a-7cc2-9a57-000000000002"}));
+        let at_depth = |levels| ev(json!({"properties": deep(levels)}));
+        // (what, body, read in one pass)
+        let cases: Vec<(&str, String, bool)> = vec![
+            ("two events", json!({"batch": [e, e2]}).to_string(), true),
+            (
+                "spaces, sent_at and write_key",
+                format!(
+                    " {{ \"write_key\" : \"wk\", \"batch\" : [ {e} , {e2} ] , \"sent_at\": 1795701600000 }} "
+                ),
+                true,
+            ),
+            ("batch null", r#"{"batch":null}"#.into(), false),
+            ("no batch", "{}".into(), false),
+            ("empty batch", r#"{"batch":[]}"#.into(), false),
+            (
+                "a bad event",
+                json!({"batch": [e, ev(json!({"event_id": "x"}))]}).to_string(),
+                false,
+            ),
+            (
+                "a duplicate id",
+                json!({"batch": [e, e]}).to_string(),
+                false,
+            ),
+            (
+                "too many",
+                json!({"batch": [e, e2, e, e2]}).to_string(),
+                false,
+            ),
+            (
+                "an event too large",
+                json!({"batch": [ev(json!({"properties": {"s": "y".repeat(400)}})), e2]})
+                    .to_string(),
+                false,
+            ),
+            (
+                "an event exactly at the size limit",
+                {
+                    let base = ev(json!({"properties": {"s": ""}})).to_string();
+                    let pad = "y".repeat(400 - base.len());
+                    json!({"batch": [ev(json!({"properties": {"s": pad}})), e2]}).to_string()
+                },
+                true,
+            ),
+            (
+                "an event a byte over the size limit",
+                {
+                    let base = ev(json!({"properties": {"s": ""}})).to_string();
+                    let pad = "y".repeat(401 - base.len());
+                    json!({"batch": [ev(json!({"properties": {"s": pad}})), e2]}).to_string()
+                },
+                false,
+            ),
+            (
+                "properties at the depth limit",
+                json!({"batch": [at_depth(8)]}).to_string(),
+                true,
+            ),
+            (
+                "properties past the depth limit",
+                json!({"batch": [at_depth(9)]}).to_string(),
+                false,
+            ),
+            (
+                "an array for an event",
+                json!({"batch": [[ID, null, "event", "n"]]}).to_string(),
+                false,
+            ),
+            (
+                "an array beside an event",
+                json!({"batch": [e, [ID]]}).to_string(),
+                false,
+            ),
+            (
+                "a number for an event",
+                json!({"batch": [e, 7]}).to_string(),
+                false,
+            ),
+            ("an array body", json!([[e]]).to_string(), false),
+            ("trailing bytes", format!("{{\"batch\":[{e}]}}x"), false),
+            ("unclosed", format!("{{\"batch\":[{e}]"), false),
+            (
+                "unknown key",
+                json!({"batch": [e], "x": [e]}).to_string(),
+                false,
+            ),
+            (
+                "sent_at an array",
+                json!({"batch": [e], "sent_at": [e]}).to_string(),
+                false,
+            ),
+            (
+                "batch twice",
+                format!("{{\"batch\":[{e}],\"batch\":[{e2}]}}"),
+                false,
+            ),
+            (
+                "brackets in strings",
+                json!({"batch": [ev(json!({"name": "[{]}", "properties": {"a\"[": "}{"}}))]})
+                    .to_string(),
+                true,
+            ),
+            (
+                "a NUL escape in properties",
+                json!({"batch": [ev(json!({"properties": {"a": "\u{0}"}}))]}).to_string(),
+                false,
+            ),
+            (
+                "body too large",
+                format!("{{\"batch\":[{e}]}}{}", " ".repeat(4096)),
+                false,
+            ),
+        ];
+        for (what, body, one_pass) in cases {
+            let got = assert_one_pass_agrees(body.as_bytes(), &limits);
+            assert_eq!(got.is_some(), one_pass, "{what}");
+        }
+        // Invalid UTF-8 inside a string.
+        let mut body = json!({"batch": [ev(json!({"name": "ab"}))]})
+            .to_string()
+            .into_bytes();
+        let at = body.windows(2).position(|w| w == b"ab").unwrap();
+        body[at] = 0xff;
+        assert!(assert_one_pass_agrees(&body, &limits).is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_pass_and_event_by_event_agree_on_damaged_batches(
+            n in 1usize..6,
+            edits in proptest::collection::vec(
+                (0usize..4000, proptest::sample::select(b"[]{}\"\\,:0a \x00\xff".to_vec())),
+                0..4,
+            ),
+            remove in proptest::bool::ANY,
+            max_event_bytes in 550usize..700,
+        ) {
+            let events = crate::sample::typical_events(n);
+            let mut body = crate::sample::batch_request_json(&events).into_bytes();
+            for (at, byte) in edits {
+                let at = at % body.len();
+                if remove { body.remove(at); } else { body[at] = byte; }
+            }
+            // Typical events are 560-700 bytes: some fit, some do not.
+            let limits = Limits { max_event_bytes, ..Limits::default() };
+            assert_one_pass_agrees(&body, &limits);
+        }
+    }
+
+    fn small_limits(depth: usize, entries: usize, key: usize) -> Limits {
+        Limits {
+            max_property_depth: depth,
+            max_property_entries: entries,
+            max_property_key_bytes: key,
+            ..Limits::default()
+        }
+    }
+
+    /// Properties as JSON values: `plain` ones have no string that needs an
+    /// escape and no number written with an exponent.
+    fn properties_strategy(plain: bool) -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let text = if plain {
+            "[a-c \u{7f}é]{0,8}"
+        } else {
+            "[a-c\"\\\u{0}\u{1}\u{7f}\u{1F600}é]{0,8}"
+        };
+        let number = if plain {
+            any::<i64>().prop_map(Value::from).boxed()
+        } else {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                Just(Value::from(u64::MAX)),
+            ]
+            .boxed()
+        };
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            number,
+            text.prop_map(Value::from),
+        ];
+        let tree = leaf.prop_recursive(6, 40, 5, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                proptest::collection::btree_map(text, inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        proptest::collection::btree_map(text, tree, 1..5)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    proptest::proptest! {
+        // A limit met exactly is a narrow case: more cases find it.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn the_plain_properties_check_never_passes_what_the_parser_refuses(
+            value in properties_strategy(false),
+            pretty in proptest::bool::ANY,
+            (depth, entries, key) in (1usize..7, 0usize..20, 2usize..12),
+        ) {
+            let text = if pretty { serde_json::to_string_pretty(&value) } else { serde_json::to_string(&value) };
+            let p = Properties::from_json(text.unwrap()).unwrap();
+            let limits = small_limits(depth, entries, key);
+            if plainly_within_limits(p.get().as_bytes(), &limits) {
+                proptest::prop_assert!(scan_properties(&p, &limits).is_ok(), "{}", p.get());
+            }
+        }
+
+        #[test]
+        fn plain_properties_are_judged_alike_by_both_checks(
+            value in properties_strategy(true),
+            pretty in proptest::bool::ANY,
+            (depth, entries, key) in (1usize..7, 0usize..20, 2usize..12),
+        ) {
+            let text = if pretty { serde_json::to_string_pretty(&value) } else { serde_json::to_string(&value) };
+            let p = Properties::from_json(text.unwrap()).unwrap();
+            let limits = small_limits(depth, entries, key);
+            proptest::prop_assert_eq!(
+                plainly_within_limits(p.get().as_bytes(), &limits),
+                scan_properties(&p, &limits).is_ok(),
+                "{}", p.get()
+            );
+        }
+    }
+
+    #[test]
+    fn typical_properties_are_checked_without_the_parser() {
+        for e in crate::sample::typical_events(10) {
+            assert!(plainly_within_limits(
+                e.properties.get().as_bytes(),
+                &Limits::default()
+            ));
+        }
+        // Not plain: the parser decides.
+        for text in [r#"{"a\u0000":1}"#, r#"{"a":1e3}"#, r#"{"a":"\n"}"#] {
+            assert!(
+                !plainly_within_limits(text.as_bytes(), &Limits::default()),
+                "{text}"
+            );
+        }
     }
 
     #[test]
