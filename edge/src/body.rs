@@ -6,6 +6,7 @@
 //! [`max_wire_bytes`]); the decompressed bound is the event limits'
 //! `max_body_bytes`.
 
+use std::borrow::Cow;
 use std::io::Read as _;
 
 use outpost_shared::ErrorCode;
@@ -45,27 +46,28 @@ pub fn max_wire_bytes(max_body_bytes: usize) -> usize {
 }
 
 /// Decodes a body by its `Content-Encoding` (`identity` or `gzip`, case
-/// insensitive), refusing anything that decodes past `max_body_bytes`.
-pub fn decode(
+/// insensitive), refusing anything that decodes past `max_body_bytes`. An
+/// unencoded body is borrowed, not copied.
+pub fn decode<'a>(
     content_encoding: Option<&str>,
-    raw: Vec<u8>,
+    raw: &'a [u8],
     max_body_bytes: usize,
-) -> Result<Vec<u8>, ErrorCode> {
+) -> Result<Cow<'a, [u8]>, ErrorCode> {
     match content_encoding.map(str::trim) {
         None | Some("") => bounded(raw, max_body_bytes),
         Some(e) if e.eq_ignore_ascii_case("identity") => bounded(raw, max_body_bytes),
         Some(e) if e.eq_ignore_ascii_case("gzip") || e.eq_ignore_ascii_case("x-gzip") => {
-            gunzip(&raw, max_body_bytes)
+            gunzip(raw, max_body_bytes).map(Cow::Owned)
         }
         Some(_) => Err(ErrorCode::UnsupportedContentEncoding),
     }
 }
 
-fn bounded(raw: Vec<u8>, max: usize) -> Result<Vec<u8>, ErrorCode> {
+fn bounded(raw: &[u8], max: usize) -> Result<Cow<'_, [u8]>, ErrorCode> {
     if raw.len() > max {
         Err(ErrorCode::BodyTooLarge)
     } else {
-        Ok(raw)
+        Ok(Cow::Borrowed(raw))
     }
 }
 
@@ -121,23 +123,28 @@ mod tests {
     #[test]
     fn gzip_bodies_decode_within_the_bound() {
         let json = br#"{"batch":[{"event_id":"0192f0c1-7b3a-7cc2-9a57-1d2e3f4a5b6c","name":"x"}]}"#;
-        assert_eq!(decode(Some("gzip"), gzip(json), 1024).unwrap(), json);
+        assert_eq!(decode(Some("gzip"), &gzip(json), 1024).unwrap(), &json[..]);
         assert_eq!(
-            decode(Some("GZIP"), gzip(json), json.len()).unwrap(),
+            decode(Some("GZIP"), &gzip(json), json.len())
+                .unwrap()
+                .as_ref(),
             json,
             "exactly at the bound"
         );
         assert_eq!(
-            decode(Some("gzip"), gzip(json), json.len() - 1),
+            decode(Some("gzip"), &gzip(json), json.len() - 1),
             Err(ErrorCode::BodyTooLarge)
         );
-        assert_eq!(decode(None, json.to_vec(), 1024).unwrap(), json);
+        assert!(
+            matches!(decode(None, json, 1024), Ok(Cow::Borrowed(b)) if b == json),
+            "an unencoded body is borrowed"
+        );
         assert_eq!(
-            decode(Some("identity"), json.to_vec(), 10),
+            decode(Some("identity"), json, 10),
             Err(ErrorCode::BodyTooLarge)
         );
         assert_eq!(
-            decode(Some("br"), json.to_vec(), 1024),
+            decode(Some("br"), json, 1024),
             Err(ErrorCode::UnsupportedContentEncoding)
         );
     }
@@ -153,7 +160,7 @@ mod tests {
         let bomb = e.finish().unwrap();
         assert!(bomb.len() < 1 << 20);
         assert_eq!(
-            decode(Some("gzip"), bomb, 512 * 1024),
+            decode(Some("gzip"), &bomb, 512 * 1024),
             Err(ErrorCode::BodyTooLarge)
         );
     }
@@ -162,15 +169,15 @@ mod tests {
     fn truncated_or_garbage_gzip_is_a_clear_error() {
         let good = gzip(b"{\"batch\":[]}");
         assert_eq!(
-            decode(Some("gzip"), good[..good.len() / 2].to_vec(), 1024),
+            decode(Some("gzip"), &good[..good.len() / 2], 1024),
             Err(ErrorCode::InvalidContentEncoding)
         );
         assert_eq!(
-            decode(Some("gzip"), b"not gzip at all".to_vec(), 1024),
+            decode(Some("gzip"), b"not gzip at all", 1024),
             Err(ErrorCode::InvalidContentEncoding)
         );
         assert_eq!(
-            decode(Some("gzip"), Vec::new(), 1024),
+            decode(Some("gzip"), &[], 1024),
             Err(ErrorCode::InvalidContentEncoding),
             "empty is not gzip"
         );
@@ -179,8 +186,8 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn decoding_never_panics(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = decode(Some("gzip"), raw.clone(), 4096);
-            let _ = decode(None, raw, 4096);
+            let _ = decode(Some("gzip"), &raw, 4096);
+            let _ = decode(None, &raw, 4096);
         }
     }
 }

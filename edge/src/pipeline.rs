@@ -866,7 +866,7 @@ async fn ingest<K: Kv, U: Upstream, E: EdgeEnv>(
     }
     let decoded = body::decode(
         req.header("content-encoding"),
-        req.body.clone(),
+        &req.body,
         cfg.limits.max_body_bytes,
     )
     .map_err(|code| match code {

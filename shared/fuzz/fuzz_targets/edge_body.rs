@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     if raw.len() > body::max_wire_bytes(limits.max_body_bytes) {
         return;
     }
-    if let Ok(decoded) = body::decode(encoding, raw.to_vec(), limits.max_body_bytes) {
+    if let Ok(decoded) = body::decode(encoding, raw, limits.max_body_bytes) {
         assert!(decoded.len() <= limits.max_body_bytes);
         let _ = parse_batch(&decoded, &limits, SAMPLE_NOW);
         let _ = parse_event(&decoded, &limits, SAMPLE_NOW);
