@@ -1803,6 +1803,15 @@ mod tests {
         }
     }
 
+    fn as_properties(value: &Value, pretty: bool) -> Properties {
+        let text = if pretty {
+            serde_json::to_string_pretty(value)
+        } else {
+            serde_json::to_string(value)
+        };
+        Properties::from_json(text.unwrap()).unwrap()
+    }
+
     /// Properties as JSON values: `plain` ones have no string that needs an
     /// escape and no number written with an exponent.
     fn properties_strategy(plain: bool) -> impl proptest::strategy::Strategy<Value = Value> {
@@ -1839,19 +1848,30 @@ mod tests {
             .prop_map(|m| Value::Object(m.into_iter().collect()))
     }
 
+    /// Properties, written compactly or spaced, with small limits.
+    fn properties_case(
+        plain: bool,
+    ) -> impl proptest::strategy::Strategy<Value = (Properties, Limits)> {
+        use proptest::prelude::*;
+        let limits = (1usize..7, 0usize..20, 2usize..12);
+        (properties_strategy(plain), any::<bool>(), limits).prop_map(
+            |(value, pretty, (depth, entries, key))| {
+                (
+                    as_properties(&value, pretty),
+                    small_limits(depth, entries, key),
+                )
+            },
+        )
+    }
+
     proptest::proptest! {
         // A limit met exactly is a narrow case: more cases find it.
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
 
         #[test]
         fn the_plain_properties_check_never_passes_what_the_parser_refuses(
-            value in properties_strategy(false),
-            pretty in proptest::bool::ANY,
-            (depth, entries, key) in (1usize..7, 0usize..20, 2usize..12),
+            (p, limits) in properties_case(false),
         ) {
-            let text = if pretty { serde_json::to_string_pretty(&value) } else { serde_json::to_string(&value) };
-            let p = Properties::from_json(text.unwrap()).unwrap();
-            let limits = small_limits(depth, entries, key);
             if plainly_within_limits(p.get().as_bytes(), &limits) {
                 proptest::prop_assert!(scan_properties(&p, &limits).is_ok(), "{}", p.get());
             }
@@ -1859,13 +1879,8 @@ mod tests {
 
         #[test]
         fn plain_properties_are_judged_alike_by_both_checks(
-            value in properties_strategy(true),
-            pretty in proptest::bool::ANY,
-            (depth, entries, key) in (1usize..7, 0usize..20, 2usize..12),
+            (p, limits) in properties_case(true),
         ) {
-            let text = if pretty { serde_json::to_string_pretty(&value) } else { serde_json::to_string(&value) };
-            let p = Properties::from_json(text.unwrap()).unwrap();
-            let limits = small_limits(depth, entries, key);
             proptest::prop_assert_eq!(
                 plainly_within_limits(p.get().as_bytes(), &limits),
                 scan_properties(&p, &limits).is_ok(),
