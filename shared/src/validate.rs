@@ -1903,6 +1903,29 @@ mod tests {
                 !plainly_within_limits(text.as_bytes(), &Limits::default()),
                 "{text}"
             );
+        } // Limits met exactly, and DEL in a key (the cases the property
+        // tests found when the loop was broken on purpose): both checks agree.
+        let exact = [
+            ("{\"\":{\"\u{7f}\":null}}", small_limits(2, 2, 1), false),
+            (
+                r#"{"":[null],"a":null,"é":null}"#,
+                small_limits(2, 4, 2),
+                true,
+            ),
+            (r#"{"":[null]}"#, small_limits(2, 2, 2), true),
+            (r#"{"":[null]}"#, small_limits(2, 1, 2), false),
+            (r#"{"ab":{"c":[1]}}"#, small_limits(3, 3, 2), true),
+            (r#"{"ab":{"c":[1]}}"#, small_limits(2, 3, 2), false),
+            (r#"{"abc":1}"#, small_limits(1, 1, 2), false),
+        ];
+        for (text, limits, within) in exact {
+            let p = Properties::from_json(text.into()).unwrap();
+            assert_eq!(
+                plainly_within_limits(text.as_bytes(), &limits),
+                within,
+                "{text}"
+            );
+            assert_eq!(scan_properties(&p, &limits).is_ok(), within, "{text}");
         }
     }
 
