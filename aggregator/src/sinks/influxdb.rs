@@ -1,5 +1,6 @@
-//! The InfluxDB sink: line protocol (InfluxData's `influxdb-line-protocol`
-//! builder) posted on hyper 1, through the v2 (`/api/v2/write`, default),
+//! The InfluxDB sink: line protocol, escaped exactly as InfluxData's
+//! `influxdb-line-protocol` builder does (the tests hold the two equal),
+//! posted on hyper 1, through the v2 (`/api/v2/write`, default),
 //! v1 (`/write`) or v3 (`/api/v3/write_lp`) write API.
 //!
 //! One point per event, measurement `influxdb.measurement`:
@@ -14,7 +15,7 @@
 //!   millisecond stay two points, and a replayed event overwrites itself.
 //!
 //! No value can break a line, whatever validation let through: the
-//! builder escapes commas, spaces, `=` and backslashes; a line break or
+//! writer escapes commas, spaces, `=` and backslashes; a line break or
 //! other control character, which line protocol cannot carry in a key or
 //! tag at all, becomes a space in a tag value, and a property whose key
 //! holds one (or ends with a backslash, which readers refuse) is left out
@@ -27,7 +28,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use influxdb_line_protocol::LineProtocolBuilder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -172,14 +172,12 @@ impl InfluxSink {
 
     /// Line protocol for rows.
     pub fn lines(&self, rows: &[Row<'_>]) -> Vec<u8> {
-        let mut b = LineProtocolBuilder::new();
-        let mut key = String::new();
+        let mut out = Vec::with_capacity(rows.len() * 192);
         for r in rows {
             let e = r.event;
-            let mut line = b
-                .measurement(&self.measurement)
-                .tag("client", &tag_value(r.client_id))
-                .tag("kind", e.kind.as_str());
+            escape_into(&mut out, &self.measurement, MEASUREMENT_SPECIAL);
+            tag_into(&mut out, "client", &tag_value(r.client_id));
+            tag_into(&mut out, "kind", e.kind.as_str());
             let optional = [
                 ("name", e.name.as_deref()),
                 ("level", e.level.map(|l| l.as_str())),
@@ -189,26 +187,29 @@ impl InfluxSink {
             ];
             for (k, v) in optional {
                 if let Some(v) = v.map(tag_value).filter(|v| !v.is_empty()) {
-                    line = line.tag(k, &v);
+                    tag_into(&mut out, k, &v);
                 }
             }
-            let mut fields = line.field("count", 1i64);
+            out.extend_from_slice(b" count=1i");
             for (k, n) in e.properties.numbers() {
                 if writable_key(&k) && n.is_finite() {
-                    key.clear();
-                    key.push_str("p_");
-                    key.push_str(&k);
-                    fields = fields.field(&key, n);
+                    out.extend_from_slice(b",p_");
+                    escape_into(&mut out, &k, KEY_SPECIAL);
+                    out.push(b'=');
+                    display_into(&mut out, n);
                 }
             }
-            b = fields
-                .timestamp(point_time_ns(
+            out.push(b' ');
+            display_into(
+                &mut out,
+                point_time_ns(
                     e.timestamp.unwrap_or(r.facts.received_at).millis(),
                     &e.event_id,
-                ))
-                .close_line();
+                ),
+            );
+            out.push(b'\n');
         }
-        b.build()
+        out
     }
 
     async fn post(&self, body: Vec<u8>) -> Result<(u16, String), PostError> {
@@ -232,6 +233,45 @@ impl InfluxSink {
             String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
         ))
     }
+}
+
+/// What line protocol escapes in a measurement name (besides `\\`).
+const MEASUREMENT_SPECIAL: &[u8] = b", ";
+/// What it escapes in a tag key, tag value or field key (besides `\\`).
+const KEY_SPECIAL: &[u8] = b",= ";
+
+/// Writes `s` with a backslash before each of `special` and each
+/// backslash, as InfluxData's builder does (a test holds the two equal),
+/// copying the runs in between whole where the builder goes through `fmt`
+/// one character at a time. The special characters are ASCII, so a byte
+/// never splits a character.
+fn escape_into(out: &mut Vec<u8>, s: &str, special: &[u8]) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'\\' || special.contains(b) {
+            out.extend_from_slice(&bytes[start..i]);
+            out.push(b'\\');
+            start = i;
+        }
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+/// `,key=value`, both escaped.
+fn tag_into(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.push(b',');
+    escape_into(out, key, KEY_SPECIAL);
+    out.push(b'=');
+    escape_into(out, value, KEY_SPECIAL);
+}
+
+/// A number as `Display` writes it (a float in full digits, never an
+/// exponent: what line protocol reads).
+fn display_into(out: &mut Vec<u8>, n: impl std::fmt::Display) {
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{n}");
 }
 
 /// A control character: line protocol has no escape for a line break.
@@ -455,6 +495,143 @@ mod tests {
         }
         let ts: i64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
         assert_eq!(ts / 1_000_000, batch.events[0].timestamp.unwrap().millis());
+    }
+
+    /// The line protocol of `rows` as InfluxData's builder writes it: the
+    /// reference `lines` must equal byte for byte.
+    fn builder_lines(sink: &InfluxSink, rows: &[Row<'_>]) -> Vec<u8> {
+        let mut b = influxdb_line_protocol::LineProtocolBuilder::new();
+        for r in rows {
+            let e = r.event;
+            let mut line = b
+                .measurement(&sink.measurement)
+                .tag("client", &tag_value(r.client_id))
+                .tag("kind", e.kind.as_str());
+            let optional = [
+                ("name", e.name.as_deref()),
+                ("level", e.level.map(|l| l.as_str())),
+                ("country", r.country()),
+                ("platform", e.context.platform.as_deref()),
+                ("app_version", e.context.app_version.as_deref()),
+            ];
+            for (k, v) in optional {
+                if let Some(v) = v.map(tag_value).filter(|v| !v.is_empty()) {
+                    line = line.tag(k, &v);
+                }
+            }
+            let mut fields = line.field("count", 1i64);
+            for (k, n) in e.properties.numbers() {
+                if writable_key(&k) && n.is_finite() {
+                    fields = fields.field(&format!("p_{k}"), n);
+                }
+            }
+            let ts = point_time_ns(
+                e.timestamp.unwrap_or(r.facts.received_at).millis(),
+                &e.event_id,
+            );
+            b = fields.timestamp(ts).close_line();
+        }
+        b.build()
+    }
+
+    /// Rows of `batch` as client `client`, with `country` from GeoIP.
+    fn assert_same_as_builder(
+        measurement: &str,
+        client: &str,
+        country: Option<&str>,
+        batch: &outpost_shared::frame::Batch,
+    ) {
+        let sink = InfluxSink {
+            measurement: measurement.to_owned(),
+            ..sink(WriteApi::V2)
+        };
+        let id = outpost_shared::frame::BatchId([1; 16]);
+        let client = outpost_shared::ClientId::from(client);
+        let geo = crate::geoip::Geo {
+            country: country.map(str::to_owned),
+            ..Default::default()
+        };
+        let rows: Vec<Row<'_>> = batch
+            .events
+            .iter()
+            .map(|event| Row {
+                client_id: &client,
+                batch_id: &id,
+                edge_id: "e",
+                facts: &batch.facts,
+                event,
+                geo: Some(&geo),
+            })
+            .collect();
+        let ours = sink.lines(&rows);
+        let theirs = builder_lines(&sink, &rows);
+        assert_eq!(
+            String::from_utf8_lossy(&ours),
+            String::from_utf8_lossy(&theirs)
+        );
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn lines_are_escaped_exactly_as_influxdatas_builder_escapes_them() {
+        assert_same_as_builder(
+            "outpost_events",
+            "acme-web",
+            Some("DE"),
+            &typical_batch(100),
+        );
+        let mut batch = typical_batch(4);
+        let awkward = [
+            "a,b",
+            "a=b",
+            "a b",
+            "a\\b",
+            "\\",
+            "\\,",
+            ",=\\ ",
+            "ünï cödé",
+            "\"q\"",
+            "",
+            " ",
+        ];
+        for (i, e) in batch.events.iter_mut().enumerate() {
+            let mut props = serde_json::Map::new();
+            for (j, k) in awkward.iter().enumerate() {
+                props.insert((*k).to_owned(), ((i * 100 + j) as f64 * 0.37 - 3.0).into());
+            }
+            props.insert("big".into(), 1e300.into());
+            props.insert("tiny".into(), (-1e-300).into());
+            props.insert("int".into(), u64::MAX.into());
+            e.properties = props.into();
+            e.name = Some(awkward[i % awkward.len()].into());
+            e.context.platform = Some(awkward[(i + 3) % awkward.len()].into());
+            e.context.app_version = Some("1.0 beta,2=x".into());
+        }
+        assert_same_as_builder("my events,x", "client,=\\ id", Some("a b,c"), &batch);
+    }
+
+    proptest::proptest! {
+        /// Any text in any place a value goes: the same bytes as the builder.
+        #[test]
+        fn any_text_is_escaped_as_the_builder_escapes_it(
+            measurement in "[a-z ,=\\\\\"é]{1,8}",
+            client in "[a-z ,=\\\\\"é]{0,8}",
+            name in "[a-z ,=\\\\\"é\n]{0,8}",
+            country in "[A-Z ,=\\\\]{0,4}",
+            key in "[a-z ,=\\\\\"é]{0,8}",
+            value in proptest::num::f64::ANY,
+        ) {
+            let mut batch = typical_batch(2);
+            for e in &mut batch.events {
+                let mut props = serde_json::Map::new();
+                if let Some(n) = serde_json::Number::from_f64(value) {
+                    props.insert(key.clone(), n.into());
+                }
+                e.properties = props.into();
+                e.name = Some(name.clone());
+            }
+            assert_same_as_builder(&measurement, &client, Some(&country), &batch);
+        }
     }
 
     #[test]

@@ -114,7 +114,12 @@ impl Users {
     pub fn add(&self, rows: &[Row<'_>]) -> bool {
         // Sketch the write first with borrowed keys (a batch touches a few
         // dozen), then merge each into the pending ones once.
-        let mut local: HashMap<(&str, &'static str, i64, Option<&str>), Sketch> = HashMap::new();
+        // Bounded by rows × 8 keys, like the rollup counts: a fast hash.
+        let mut local: HashMap<
+            (&str, &'static str, i64, Option<&str>),
+            Sketch,
+            foldhash::fast::RandomState,
+        > = HashMap::default();
         for r in rows {
             let Some(user) = r.event.user_id.as_deref() else {
                 continue;
