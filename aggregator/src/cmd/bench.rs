@@ -126,6 +126,11 @@ pub struct BenchReport {
     pub baseline_copy_runs: Vec<f64>,
     /// End-to-end rate over the COPY rate.
     pub ratio_to_copy: Option<f64>,
+    /// CPU seconds the server used (user + system, all threads) from just
+    /// before the first request until every sink had every event.
+    pub server_cpu_secs: Option<f64>,
+    /// [`BenchReport::server_cpu_secs`] per acknowledged event, µs.
+    pub server_cpu_us_per_event: Option<f64>,
     /// Server's peak resident memory, MiB.
     pub server_peak_rss_mib: Option<f64>,
     /// The server's resident memory over the run (from the first request
@@ -241,6 +246,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let frames = Arc::new(frames);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_before = opts.server_pid.and_then(cpu_secs);
     let started = Instant::now();
     let (stop_sampling, stopped) = tokio::sync::oneshot::channel::<()>();
     let rss_sampler = opts
@@ -369,21 +375,28 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     }
     server_rss_samples.extend(opts.server_pid.and_then(|pid| rss_sample(pid, started)));
 
-    let baseline_copy_runs = match &opts.baseline_postgres {
-        Some(url) => {
-            // The yardstick runs on a quiet machine: not while another sink
-            // (InfluxDB) is still catching up on the same CPUs.
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while metric(&client, &opts.url, "outpost_spool_batches")
-                .await
-                .unwrap_or(0.0)
-                > 0.0
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?
+    // Until every sink has every event (InfluxDB may trail PostgreSQL):
+    // the server's CPU is counted to here, and the yardstick below runs on
+    // a quiet machine, not while a sink is still catching up on the same
+    // CPUs.
+    if opts.wait_delivery || opts.server_pid.is_some() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while metric(&client, &opts.url, "outpost_spool_batches")
+            .await
+            .unwrap_or(0.0)
+            > 0.0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+    let server_cpu_secs = opts
+        .server_pid
+        .and_then(cpu_secs)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let baseline_copy_runs = match &opts.baseline_postgres {
+        Some(url) => copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?,
         None => Vec::new(),
     };
     let baseline_copy_events_per_sec = median(&baseline_copy_runs);
@@ -403,6 +416,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         baseline_copy_events_per_sec,
         baseline_copy_runs,
         ratio_to_copy,
+        server_cpu_secs,
+        server_cpu_us_per_event: server_cpu_secs
+            .filter(|_| events_ok > 0)
+            .map(|c| c * 1e6 / events_ok as f64),
         server_peak_rss_mib: opts.server_pid.and_then(|pid| status_mib(pid, "VmHWM:")),
         server_rss_samples,
     })
@@ -558,6 +575,22 @@ fn rss_sample(pid: u32, started: Instant) -> Option<RssSample> {
     })
 }
 
+/// CPU seconds a process has used, user and system, all its threads
+/// (Linux: `/proc/PID/stat` fields 14 and 15, in the kernel's fixed 100
+/// ticks a second).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    stat_cpu_secs(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces and `)`: count after the
+    // last `)`.
+    let mut after_name = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let utime: f64 = after_name.nth(11)?.parse().ok()?;
+    let stime: f64 = after_name.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 /// A memory line of `/proc/PID/status` (`VmHWM:` peak, `VmRSS:` now), MiB.
 fn status_mib(pid: u32, field: &str) -> Option<f64> {
     field_mib(
@@ -613,6 +646,11 @@ impl BenchReport {
         if let Some(r) = self.ratio_to_copy {
             s.push_str(&format!("ratio end-to-end / COPY: {r:.2}\n"));
         }
+        if let (Some(c), Some(per)) = (self.server_cpu_secs, self.server_cpu_us_per_event) {
+            s.push_str(&format!(
+                "server CPU until every sink had every event: {c:.2} s = {per:.1} µs per event\n"
+            ));
+        }
         if let Some(m) = self.server_peak_rss_mib {
             s.push_str(&format!("server peak RSS: {m:.1} MiB\n"));
         }
@@ -667,4 +705,29 @@ pub fn main(a: BenchArgs) -> anyhow::Result<()> {
         print!("{}", report.render());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_cpu_is_read_after_a_command_name_with_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt
+        // cminflt majflt cmajflt utime stime …
+        let stat = "4242 (outpost (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 75 0 0 20 0 9 0";
+        assert_eq!(stat_cpu_secs(stat), Some(3.25));
+        assert_eq!(stat_cpu_secs("4242 (outpost) S 1"), None);
+        // This process: the reading grows while it spends CPU (ticks are
+        // 10 ms; a loaded machine may take a while to give it them).
+        let before = cpu_secs(std::process::id()).unwrap();
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while cpu_secs(std::process::id()).unwrap() <= before {
+            assert!(spin.elapsed() < Duration::from_secs(30), "no CPU counted");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+    }
 }
