@@ -319,6 +319,51 @@ async fn duplicate_event_ids_across_batches_are_stored_once_and_counted() {
     db.wait_rows("other-app", 3, 15).await;
 }
 
+/// `delivery.linger_ms`: after a write of fewer batches than it could
+/// take, the sink waits before it looks again, so frames that trickle in
+/// meanwhile share the next write.
+#[tokio::test]
+async fn frames_arriving_while_a_sink_lingers_share_its_next_write() {
+    let (db, redis) = (TestDb::new().await, TestRedis::new());
+    // One worker, so every batch goes through the same loop; a linger far
+    // longer than sending five frames takes on a slow machine.
+    let config = format!(
+        "{}linger_ms = 3000\nworkers_per_sink = 1\n",
+        store_config(&db.url, &redis)
+    );
+    let agg = Aggregator::start(&config).await;
+    const WRITES: &str = "outpost_sink_writes_total{sink=\"postgres\"}";
+
+    agg.ingest_accepted(frame_for("acme-web", events(11, 0..10), batch_id()))
+        .await;
+    db.wait_rows("acme-web", 10, 15).await;
+    agg.wait_metric(WRITES, 1.0, 15).await;
+    // The worker lingers now (or is about to): five more frames,
+    // acknowledged at once, wait for its next look.
+    let sent = std::time::Instant::now();
+    for i in 1..=5 {
+        agg.ingest_accepted(frame_for(
+            "acme-web",
+            events(11, i * 10..i * 10 + 10),
+            batch_id(),
+        ))
+        .await;
+    }
+    assert!(
+        sent.elapsed() < std::time::Duration::from_millis(2500),
+        "the five frames took {:?}: longer than the linger allows for",
+        sent.elapsed()
+    );
+    db.wait_rows("acme-web", 60, 15).await;
+    agg.wait_metric("outpost_sink_delivered_events_total", 60.0, 15)
+        .await;
+    assert_eq!(
+        agg.metric(WRITES).await,
+        2.0,
+        "the five frames in one write"
+    );
+}
+
 #[tokio::test]
 async fn a_replayed_batch_whose_ids_it_already_claimed_is_not_lost() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());

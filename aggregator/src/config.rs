@@ -225,6 +225,14 @@ pub struct DeliveryConfig {
     pub backoff_max_ms: u64,
     /// Most spooled batches a sink takes in one write.
     pub max_batches_per_write: u32,
+    /// After a write that took fewer than `max_batches_per_write` batches,
+    /// how long a sink's worker waits before it looks for more, in
+    /// milliseconds: under moderate load a write then takes the batches of
+    /// that time together instead of one or two, which costs far less CPU
+    /// per event (one statement, one commit of the spool's bookkeeping).
+    /// Delays storage, never the acknowledgement; a full write and a sink
+    /// catching up do not wait. 0: look again at once.
+    pub linger_ms: u64,
     /// Bytes (estimated) of batches ingest decoded that are kept in memory
     /// until every sink has them; beyond it sinks decode from the spool.
     /// Filled only while the sinks lag behind ingest; at 1 KiB or so per
@@ -244,6 +252,7 @@ impl Default for DeliveryConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 30_000,
             max_batches_per_write: 32,
+            linger_ms: 20,
             handoff_max_bytes: 128 * 1024 * 1024,
             workers_per_sink: 2,
             max_attempts: 10,

@@ -109,6 +109,7 @@ pub async fn run<S: Sink>(
     // Every series of this sink exists from the start, at zero, so that
     // dashboards and alerts see it before the first failure.
     let _ = ctx.metrics.sink_delivered_events.get_or_create(&label);
+    let _ = ctx.metrics.sink_writes.get_or_create(&label);
     let _ = ctx.metrics.sink_failures.get_or_create(&label);
     let _ = ctx.metrics.sink_dead_letters.get_or_create(&label);
     let _ = ctx.metrics.sink_lag_seconds.get_or_create(&label);
@@ -162,6 +163,16 @@ pub async fn run<S: Sink>(
             Ok(()) => {
                 backoff.failures = 0;
                 refusals = 0;
+                ctx.metrics.sink_writes.get_or_create(&label).inc();
+                // Not a full write: let more batches gather for the next
+                // (delivery.linger_ms).
+                let partial = due.len() < ctx.config.max_batches_per_write as usize;
+                if partial && ctx.config.linger_ms > 0 && !stopping {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(ctx.config.linger_ms)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
             }
             Err(e) => {
                 if matches!(e, SinkError::Refused(_)) {

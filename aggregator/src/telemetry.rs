@@ -67,6 +67,9 @@ pub struct Metrics {
     pub spool_bytes: Gauge<u64, AtomicU64>,
     /// Events written by a sink (duplicates excluded).
     pub sink_delivered_events: Family<SinkLabel, Counter>,
+    /// Successful sink writes (one statement or request each): with
+    /// `sink_delivered_events`, the events a write takes on average.
+    pub sink_writes: Family<SinkLabel, Counter>,
     /// Failed sink writes (each is retried).
     pub sink_failures: Family<SinkLabel, Counter>,
     /// Batches given up on after the last try.
@@ -121,6 +124,7 @@ impl Metrics {
             spool_batches: Gauge::default(),
             spool_bytes: Gauge::default(),
             sink_delivered_events: Family::default(),
+            sink_writes: Family::default(),
             sink_failures: Family::default(),
             sink_dead_letters: Family::default(),
             sink_lag_seconds: Family::default(),
@@ -183,6 +187,11 @@ impl Metrics {
             "sink_delivered_events",
             "Events written by each sink",
             m.sink_delivered_events.clone(),
+        );
+        r.register(
+            "sink_writes",
+            "Successful writes of each sink",
+            m.sink_writes.clone(),
         );
         r.register(
             "sink_failures",
