@@ -603,6 +603,8 @@ async fn the_ingestion_dashboard_queries_only_metrics_the_aggregator_exports() {
         "outpost_dead_letters",
         "outpost_http_connections_closed_total",
         "outpost_http_requests_shed_total",
+        // And whether sink writes gather batches (delivery.linger_ms).
+        "outpost_sink_writes_total",
     ] {
         assert!(queried.contains(needed), "{needed} is not on the dashboard");
     }
