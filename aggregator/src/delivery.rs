@@ -552,29 +552,13 @@ mod tests {
         }
     }
 
-    fn rows_of(batch: &outpost_shared::frame::Batch) -> Vec<Row<'_>> {
-        static ID: outpost_shared::frame::BatchId = outpost_shared::frame::BatchId([1; 16]);
-        batch
-            .events
-            .iter()
-            .map(|event| Row {
-                client_id: &batch.client_id,
-                batch_id: &ID,
-                edge_id: "e",
-                facts: &batch.facts,
-                event,
-                geo: None,
-            })
-            .collect()
-    }
-
     #[tokio::test]
     async fn narrowing_by_halves_finds_the_bad_rows_in_logarithmic_writes() {
         let mut batch = typical_batch(16_000);
         for (i, e) in batch.events.iter_mut().enumerate() {
             e.seq = Some(i as u64);
         }
-        let rows = rows_of(&batch);
+        let rows = Row::of_batch(&batch, None);
         for poison in [vec![0], vec![15_999], vec![7_777], vec![3, 9_000, 12_345]] {
             let sink = PickySink {
                 poison: poison.clone(),
@@ -614,7 +598,7 @@ mod tests {
         }
         let batch = typical_batch(8);
         assert!(matches!(
-            narrow(&Down, &rows_of(&batch)).await,
+            narrow(&Down, &Row::of_batch(&batch, None)).await,
             Err(SinkError::Unavailable(_))
         ));
     }

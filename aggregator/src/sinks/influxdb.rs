@@ -176,19 +176,8 @@ impl InfluxSink {
         for r in rows {
             let e = r.event;
             escape_into(&mut out, &self.measurement, MEASUREMENT_SPECIAL);
-            tag_into(&mut out, "client", &tag_value(r.client_id));
-            tag_into(&mut out, "kind", e.kind.as_str());
-            let optional = [
-                ("name", e.name.as_deref()),
-                ("level", e.level.map(|l| l.as_str())),
-                ("country", r.country()),
-                ("platform", e.context.platform.as_deref()),
-                ("app_version", e.context.app_version.as_deref()),
-            ];
-            for (k, v) in optional {
-                if let Some(v) = v.map(tag_value).filter(|v| !v.is_empty()) {
-                    tag_into(&mut out, k, &v);
-                }
+            for (k, v) in tags(r) {
+                tag_into(&mut out, k, &v);
             }
             out.extend_from_slice(b" count=1i");
             for (k, n) in e.properties.numbers() {
@@ -233,6 +222,30 @@ impl InfluxSink {
             String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
         ))
     }
+}
+
+/// A point's tags, in order: the client and kind always, the others when
+/// they have a value left after [`tag_value`].
+fn tags<'a>(r: &Row<'a>) -> impl Iterator<Item = (&'static str, Cow<'a, str>)> {
+    let e = r.event;
+    let optional = [
+        ("name", e.name.as_deref()),
+        ("level", e.level.map(|l| l.as_str())),
+        ("country", r.country()),
+        ("platform", e.context.platform.as_deref()),
+        ("app_version", e.context.app_version.as_deref()),
+    ];
+    [
+        ("client", Some(tag_value(r.client_id))),
+        ("kind", Some(Cow::Borrowed(e.kind.as_str()))),
+    ]
+    .into_iter()
+    .chain(
+        optional
+            .into_iter()
+            .map(|(k, v)| (k, v.map(tag_value).filter(|v| !v.is_empty()))),
+    )
+    .filter_map(|(k, v)| Some((k, v?)))
 }
 
 /// What line protocol escapes in a measurement name (besides `\\`).
@@ -455,20 +468,11 @@ mod tests {
 
     /// The v2 line protocol of `batch`'s events, as client `acme-web`.
     fn v2_lines(batch: &outpost_shared::frame::Batch) -> String {
-        let id = outpost_shared::frame::BatchId([1; 16]);
-        let client = outpost_shared::ClientId::from("acme-web");
-        let rows: Vec<Row<'_>> = batch
-            .events
-            .iter()
-            .map(|event| Row {
-                client_id: &client,
-                batch_id: &id,
-                edge_id: "e",
-                facts: &batch.facts,
-                event,
-                geo: None,
-            })
-            .collect();
+        let batch = outpost_shared::frame::Batch {
+            client_id: "acme-web".into(),
+            ..batch.clone()
+        };
+        let rows = Row::of_batch(&batch, None);
         String::from_utf8(sink(WriteApi::V2).lines(&rows)).unwrap()
     }
 
@@ -503,21 +507,9 @@ mod tests {
         let mut b = influxdb_line_protocol::LineProtocolBuilder::new();
         for r in rows {
             let e = r.event;
-            let mut line = b
-                .measurement(&sink.measurement)
-                .tag("client", &tag_value(r.client_id))
-                .tag("kind", e.kind.as_str());
-            let optional = [
-                ("name", e.name.as_deref()),
-                ("level", e.level.map(|l| l.as_str())),
-                ("country", r.country()),
-                ("platform", e.context.platform.as_deref()),
-                ("app_version", e.context.app_version.as_deref()),
-            ];
-            for (k, v) in optional {
-                if let Some(v) = v.map(tag_value).filter(|v| !v.is_empty()) {
-                    line = line.tag(k, &v);
-                }
+            let mut line = b.measurement(&sink.measurement);
+            for (k, v) in tags(r) {
+                line = line.tag(k, &v);
             }
             let mut fields = line.field("count", 1i64);
             for (k, n) in e.properties.numbers() {
@@ -545,24 +537,15 @@ mod tests {
             measurement: measurement.to_owned(),
             ..sink(WriteApi::V2)
         };
-        let id = outpost_shared::frame::BatchId([1; 16]);
-        let client = outpost_shared::ClientId::from(client);
+        let batch = outpost_shared::frame::Batch {
+            client_id: client.into(),
+            ..batch.clone()
+        };
         let geo = crate::geoip::Geo {
             country: country.map(str::to_owned),
             ..Default::default()
         };
-        let rows: Vec<Row<'_>> = batch
-            .events
-            .iter()
-            .map(|event| Row {
-                client_id: &client,
-                batch_id: &id,
-                edge_id: "e",
-                facts: &batch.facts,
-                event,
-                geo: Some(&geo),
-            })
-            .collect();
+        let rows = Row::of_batch(&batch, Some(&geo));
         let ours = sink.lines(&rows);
         let theirs = builder_lines(&sink, &rows);
         assert_eq!(

@@ -46,9 +46,9 @@ pub struct Row<'a> {
     pub geo: Option<&'a Geo>,
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
     /// The country: GeoIP's answer, else the edge platform's hint.
-    pub fn country(&self) -> Option<&str> {
+    pub fn country(&self) -> Option<&'a str> {
         self.geo
             .and_then(|g| g.country.as_deref())
             .or(self.facts.country_hint.as_deref())
@@ -84,6 +84,26 @@ impl Row<'_> {
     /// The client's sequence number, when it fits a signed 64-bit column.
     pub fn seq(&self) -> Option<i64> {
         self.event.seq.and_then(|s| i64::try_from(s).ok())
+    }
+}
+
+#[cfg(test)]
+impl<'a> Row<'a> {
+    /// Every event of `batch` as a row, as edge `e` forwarded it (tests).
+    pub fn of_batch(batch: &'a outpost_shared::frame::Batch, geo: Option<&'a Geo>) -> Vec<Row<'a>> {
+        static ID: BatchId = BatchId([1; 16]);
+        batch
+            .events
+            .iter()
+            .map(|event| Row {
+                client_id: &batch.client_id,
+                batch_id: &ID,
+                edge_id: "e",
+                facts: &batch.facts,
+                event,
+                geo,
+            })
+            .collect()
     }
 }
 

@@ -450,7 +450,6 @@ pub struct UsersQuery<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_shared::frame::BatchId;
     use outpost_shared::sample::typical_batch;
 
     /// A pool on a port where nothing listens (never connected until used).
@@ -470,20 +469,8 @@ mod tests {
         for (i, e) in batch.events.iter_mut().enumerate() {
             e.user_id = user_ids(i);
         }
-        let (id, client) = (BatchId([7; 16]), outpost_shared::ClientId::from(client));
-        let rows: Vec<Row<'_>> = batch
-            .events
-            .iter()
-            .map(|event| Row {
-                client_id: &client,
-                batch_id: &id,
-                edge_id: "e",
-                facts: &batch.facts,
-                event,
-                geo: None,
-            })
-            .collect();
-        users.add(&rows)
+        batch.client_id = client.into();
+        users.add(&Row::of_batch(&batch, None))
     }
 
     fn pending(users: &Users) -> (usize, usize) {
