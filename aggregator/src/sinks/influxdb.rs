@@ -177,7 +177,9 @@ impl InfluxSink {
             let e = r.event;
             escape_into(&mut out, &self.measurement, MEASUREMENT_SPECIAL);
             for (k, v) in tags(r) {
-                tag_into(&mut out, k, &v);
+                if let Some(v) = v {
+                    tag_into(&mut out, k, &v);
+                }
             }
             out.extend_from_slice(b" count=1i");
             for (k, n) in e.properties.numbers() {
@@ -225,27 +227,19 @@ impl InfluxSink {
 }
 
 /// A point's tags, in order: the client and kind always, the others when
-/// they have a value left after [`tag_value`].
-fn tags<'a>(r: &Row<'a>) -> impl Iterator<Item = (&'static str, Cow<'a, str>)> {
+/// they have a value left after [`tag_value`] (`None`: no tag).
+fn tags<'a>(r: &Row<'a>) -> [(&'static str, Option<Cow<'a, str>>); 7] {
     let e = r.event;
-    let optional = [
-        ("name", e.name.as_deref()),
-        ("level", e.level.map(|l| l.as_str())),
-        ("country", r.country()),
-        ("platform", e.context.platform.as_deref()),
-        ("app_version", e.context.app_version.as_deref()),
-    ];
+    let optional = |v: Option<&'a str>| v.map(tag_value).filter(|v| !v.is_empty());
     [
         ("client", Some(tag_value(r.client_id))),
         ("kind", Some(Cow::Borrowed(e.kind.as_str()))),
+        ("name", optional(e.name.as_deref())),
+        ("level", optional(e.level.map(|l| l.as_str()))),
+        ("country", optional(r.country())),
+        ("platform", optional(e.context.platform.as_deref())),
+        ("app_version", optional(e.context.app_version.as_deref())),
     ]
-    .into_iter()
-    .chain(
-        optional
-            .into_iter()
-            .map(|(k, v)| (k, v.map(tag_value).filter(|v| !v.is_empty()))),
-    )
-    .filter_map(|(k, v)| Some((k, v?)))
 }
 
 /// What line protocol escapes in a measurement name (besides `\\`).
@@ -509,7 +503,9 @@ mod tests {
             let e = r.event;
             let mut line = b.measurement(&sink.measurement);
             for (k, v) in tags(r) {
-                line = line.tag(k, &v);
+                if let Some(v) = v {
+                    line = line.tag(k, &v);
+                }
             }
             let mut fields = line.field("count", 1i64);
             for (k, n) in e.properties.numbers() {
