@@ -1903,7 +1903,8 @@ mod tests {
                 !plainly_within_limits(text.as_bytes(), &Limits::default()),
                 "{text}"
             );
-        } // Limits met exactly, and DEL in a key (the cases the property
+        }
+        // Limits met exactly, and DEL in a key (the cases the property
         // tests found when the loop was broken on purpose): both checks agree.
         let exact = [
             ("{\"\":{\"\u{7f}\":null}}", small_limits(2, 2, 1), false),
