@@ -30,11 +30,15 @@ pub struct Aggregator {
     env: Vec<(String, String)>,
     /// Its base URL.
     pub url: String,
+    port: u16,
     /// Its working directory (spool, config, log).
     pub dir: PathBuf,
     config_path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
+
+/// The port an aggregator was given was bound by another process first.
+struct PortTaken;
 
 /// Picks a free local port.
 pub fn free_port() -> u16 {
@@ -71,20 +75,50 @@ impl Aggregator {
             child: None,
             env,
             url: format!("http://127.0.0.1:{port}"),
+            port,
             dir,
             config_path,
             _tmp: Some(tmp),
         };
-        a.spawn().await;
-        a
+        // `free_port` releases the port it found: another test's process
+        // can bind it before this server does. Then take another one.
+        for _ in 0..5 {
+            match a.try_spawn().await {
+                Ok(()) => return a,
+                Err(PortTaken) => {
+                    let old = format!("listen = \"127.0.0.1:{}\"", a.port);
+                    a.port = free_port();
+                    let new = format!("listen = \"127.0.0.1:{}\"", a.port);
+                    a.edit_config(|text| text.replacen(&old, &new, 1));
+                    a.url = format!("http://127.0.0.1:{}", a.port);
+                }
+            }
+        }
+        panic!("outpost found no free port in five tries:\n{}", a.log());
     }
 
     /// Starts (again) with the same config and spool.
     pub async fn spawn(&mut self) {
+        if self.try_spawn().await.is_err() {
+            panic!(
+                "outpost could not bind port {}: another process holds it:\n{}",
+                self.port,
+                self.log()
+            );
+        }
+    }
+
+    /// Starts the process and waits until it serves. Live means *this*
+    /// child logged that it listens and then answered: a `/health/live`
+    /// answer alone could come from another test's server that took the
+    /// port while this one was starting.
+    async fn try_spawn(&mut self) -> Result<(), PortTaken> {
+        let log_path = self.dir.join("outpost.log");
+        let log_from = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("outpost.log"))
+            .open(&log_path)
             .expect("log");
         let child = Command::new(crate::outpost_bin())
             .args(["serve", "--config"])
@@ -99,12 +133,18 @@ impl Aggregator {
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = reqwest::Client::new();
         loop {
-            if let Ok(r) = client.get(format!("{}/health/live", self.url)).send().await
+            let this_run = self.log().get(log_from..).unwrap_or_default().to_owned();
+            if this_run.contains("outpost aggregator listening")
+                && let Ok(r) = client.get(format!("{}/health/live", self.url)).send().await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                if this_run.contains("Address already in use") {
+                    return Err(PortTaken);
+                }
                 panic!("outpost exited with {status}:\n{}", self.log());
             }
             assert!(

@@ -280,91 +280,107 @@ impl Edge {
         top: &str,
         tables: &str,
     ) -> Edge {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let log = dir.path().join("edge.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = match runtime {
-            Runtime::Wasmtime => {
-                let mut cfg = format!(
-                    "component = {:?}\nlisten = \"127.0.0.1:{port}\"\n{top}\n\n[variables]\n",
-                    spin_component()
-                );
-                for (k, v) in variables {
-                    cfg.push_str(&format!("{k} = {v:?}\n"));
+        // `free_port` releases the port it found: another test's process can
+        // bind it before the edge does. Then start again on another one.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let log = dir.path().join("edge.log");
+            let out = std::fs::File::create(&log).unwrap();
+            let child = match runtime {
+                Runtime::Wasmtime => {
+                    let mut cfg = format!(
+                        "component = {:?}\nlisten = \"127.0.0.1:{port}\"\n{top}\n\n[variables]\n",
+                        spin_component()
+                    );
+                    for (k, v) in variables {
+                        cfg.push_str(&format!("{k} = {v:?}\n"));
+                    }
+                    cfg.push_str(tables);
+                    let path = dir.path().join("edge.toml");
+                    std::fs::write(&path, cfg).unwrap();
+                    Command::new(outpost_bin())
+                        .args(["edge", "--config"])
+                        .arg(&path)
+                        .stdout(Stdio::from(out.try_clone().unwrap()))
+                        .stderr(Stdio::from(out))
+                        .spawn()
+                        .unwrap()
                 }
-                cfg.push_str(tables);
-                let path = dir.path().join("edge.toml");
-                std::fs::write(&path, cfg).unwrap();
-                Command::new(outpost_bin())
-                    .args(["edge", "--config"])
-                    .arg(&path)
-                    .stdout(Stdio::from(out.try_clone().unwrap()))
-                    .stderr(Stdio::from(out))
-                    .spawn()
-                    .unwrap()
-            }
-            Runtime::Workerd => {
-                let root = repo_root();
-                let worker = root.join("build/index.js");
-                assert!(
-                    worker.exists(),
-                    "{} is missing: build the Worker with scripts/build-worker (scripts/test does)",
-                    worker.display()
-                );
-                let mut cmd = Command::new(root.join("node_modules/.bin/wrangler"));
-                cmd.current_dir(&root)
-                    .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
-                    .args(["--inspector-port", &free_port().to_string()])
-                    .arg("--persist-to")
-                    .arg(dir.path().join("state"))
-                    .args([
-                        "--log-level",
-                        "warn",
-                        "--show-interactive-dev-session=false",
-                    ])
-                    .env("WRANGLER_SEND_METRICS", "false")
-                    .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
-                    .env("WRANGLER_LOG_PATH", dir.path().join("wrangler-logs"))
-                    .env("CI", "1");
-                for (k, v) in variables {
-                    cmd.arg("--var")
-                        .arg(format!("{}:{v}", k.to_ascii_uppercase()));
+                Runtime::Workerd => {
+                    let root = repo_root();
+                    let worker = root.join("build/index.js");
+                    assert!(
+                        worker.exists(),
+                        "{} is missing: build the Worker with scripts/build-worker (scripts/test does)",
+                        worker.display()
+                    );
+                    let mut cmd = Command::new(root.join("node_modules/.bin/wrangler"));
+                    cmd.current_dir(&root)
+                        .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
+                        .args(["--inspector-port", &free_port().to_string()])
+                        .arg("--persist-to")
+                        .arg(dir.path().join("state"))
+                        .args([
+                            "--log-level",
+                            "warn",
+                            "--show-interactive-dev-session=false",
+                        ])
+                        .env("WRANGLER_SEND_METRICS", "false")
+                        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
+                        .env("WRANGLER_LOG_PATH", dir.path().join("wrangler-logs"))
+                        .env("CI", "1");
+                    for (k, v) in variables {
+                        cmd.arg("--var")
+                            .arg(format!("{}:{v}", k.to_ascii_uppercase()));
+                    }
+                    cmd.stdin(Stdio::null())
+                        .stdout(Stdio::from(out.try_clone().unwrap()))
+                        .stderr(Stdio::from(out))
+                        .spawn()
+                        .unwrap()
                 }
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::from(out.try_clone().unwrap()))
-                    .stderr(Stdio::from(out))
-                    .spawn()
-                    .unwrap()
+            };
+            let mut edge = Edge {
+                url: format!("http://127.0.0.1:{port}"),
+                runtime,
+                child,
+                _dir: dir,
+                log,
+            };
+            if edge.wait_ready().await {
+                return edge;
             }
-        };
-        let mut edge = Edge {
-            url: format!("http://127.0.0.1:{port}"),
-            runtime,
-            child,
-            _dir: dir,
-            log,
-        };
-        edge.wait_ready().await;
-        edge
+        }
+        panic!("the edge found no free port in five tries");
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until the edge serves; false when its port was taken.
+    async fn wait_ready(&mut self) -> bool {
         let client = reqwest::Client::new();
         for _ in 0..600 {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if self.log().contains("Address already in use") {
+                    return false;
+                }
                 panic!("the edge exited ({status}):\n{}", self.log());
             }
+            // Under `outpost edge`, an answer counts only once this process
+            // has logged that it listens: before that it could come from
+            // another test's server on the same port. (`wrangler dev` at
+            // log level warn says nothing; there any answer counts.)
+            let own = self.runtime == Runtime::Workerd || self.log().contains("edge listening");
             // Any answer means the runtime is serving (a misconfigured
             // edge answers 500 to everything, on purpose).
-            if client
-                .get(format!("{}/ready-probe", self.url))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok()
+            if own
+                && client
+                    .get(format!("{}/ready-probe", self.url))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok()
             {
-                return;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
