@@ -590,6 +590,122 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
     assert_eq!(leftover, 0, "the baseline table is dropped");
 }
 
+/// What the stand-in collector saw: each request's content type and events.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<String>)>>>;
+
+#[tokio::test]
+async fn outpost_bench_posts_json_arrays_to_another_collector_and_counts_its_rows() {
+    // `--body json` is how Outpost is held against another collector on
+    // the same load (BENCHMARKS.md, Vector): a stand-in here stores each
+    // posted array in PostgreSQL's `events`, as Vector's postgres sink does.
+    use axum::extract::State;
+    let db = TestDb::new().await;
+    outpost_tests::run_ok(
+        std::process::Command::new(outpost_tests::outpost_bin())
+            .arg("migrate")
+            .env("OUTPOST_POSTGRES_URL", &db.url),
+    );
+    let seen: Seen = Default::default();
+    let collect = |State((pool, seen)): State<(sqlx::PgPool, Seen)>,
+                   headers: axum::http::HeaderMap,
+                   body: axum::body::Bytes| async move {
+        let Ok(events) = serde_json::from_slice::<Vec<outpost_shared::event::Event>>(&body) else {
+            return axum::http::StatusCode::BAD_REQUEST;
+        };
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+        sqlx::query(
+            "INSERT INTO events (client_id, event_id, batch_id, edge_id, ts, received_at, kind, priority) \
+             SELECT 'bench-json', id, gen_random_uuid(), 'stand-in', now(), now(), 'track', 'normal' FROM unnest($1::text[]) AS id",
+        )
+        .bind(&ids)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        seen.lock().unwrap().push((content_type, ids));
+        axum::http::StatusCode::OK
+    };
+    let app = axum::Router::new()
+        .route("/collect", axum::routing::post(collect))
+        .with_state((db.pool.clone(), seen.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/collect", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let db_url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(outpost_tests::outpost_bin())
+            .args([
+                "bench",
+                "--body",
+                "json",
+                "--url",
+                &url,
+                "--count-rows",
+                &db_url,
+            ])
+            .args([
+                "--client-id",
+                "bench-json",
+                "--frames",
+                "10",
+                "--events-per-frame",
+                "20",
+            ])
+            .args(["--concurrency", "2", "--cpu-of", "postgres", "--json"])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["frames_ok"], 10);
+    assert_eq!(report["events_ok"], 200);
+    assert!(report["end_to_end_events_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(
+        report["cpu_by_process"]["postgres"].as_f64().is_some(),
+        "PostgreSQL's processes are found by name: {report}"
+    );
+    assert!(report["machine_cpu_secs"].as_f64().unwrap() >= 0.0);
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(seen.len(), 10, "one request per frame");
+    let mut ids = std::collections::BTreeSet::new();
+    for (content_type, events) in seen.iter() {
+        assert_eq!(content_type, "application/json");
+        assert_eq!(events.len(), 20, "each request is one frame's events");
+        ids.extend(events.iter().cloned());
+    }
+    assert_eq!(ids.len(), 200, "every event id is new");
+    assert_eq!(db.count_events("bench-json").await, 200);
+}
+
+#[tokio::test]
+async fn outpost_bench_with_json_bodies_refuses_to_wait_without_a_row_count() {
+    let out = std::process::Command::new(outpost_tests::outpost_bin())
+        .args([
+            "bench",
+            "--body",
+            "json",
+            "--url",
+            "http://127.0.0.1:9/x",
+            "--wait-delivery",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--count-rows"), "{stderr}");
+}
+
 /// `outpost partitions` with the aggregator's config and `env`: its report.
 fn maintain_partitions(agg: &Aggregator, env: &[(&str, &str)]) -> Value {
     let out = outpost_tests::run_ok(

@@ -14,6 +14,13 @@
 //! server's resident memory every `--rss-every` seconds from the first
 //! request until everything is delivered, so a long run at a fixed `--rate`
 //! shows whether memory grows.
+//!
+//! To hold it against another collector on the same load, `--body json`
+//! sends each frame's events as a plain JSON array to `--url` as given
+//! (Vector's `http_server`, say), `--count-rows` waits until PostgreSQL's
+//! `events` table has them all, and `--cpu-of NAME` adds the CPU of the
+//! processes around the server (Redis, PostgreSQL, InfluxDB) to the report,
+//! with the whole machine's (`scripts/bench-vector`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +42,12 @@ use outpost_aggregator::delivery::now_ms;
 /// `outpost bench`'s options.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Aggregator base URL.
+    /// Aggregator base URL (with `--body json`: the URL to post to).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// What each request carries.
+    #[arg(long, value_enum, default_value_t = Body::Frame)]
+    pub body: Body,
     /// Config file whose first edge key signs the frames (or OUTPOST_EDGE_KEYS).
     #[arg(long, short, env = "OUTPOST_CONFIG")]
     pub config: Option<std::path::PathBuf>,
@@ -59,9 +69,19 @@ pub struct BenchArgs {
     /// Also time a raw COPY of the same rows into this PostgreSQL (migrated) database.
     #[arg(long)]
     pub baseline_postgres: Option<String>,
+    /// Wait until this PostgreSQL's `events` table holds every event sent
+    /// (rows of `--client-id`) and report the end-to-end rate: for servers
+    /// without Outpost's metrics.
+    #[arg(long)]
+    pub count_rows: Option<String>,
     /// PID of the server, to report its peak RSS and sample its RSS over the run.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Also report the CPU of every process with this name (repeatable:
+    /// `redis-server`, `postgres`, `influxd`, `vector`), children they
+    /// reaped included, and the whole machine's less this generator's.
+    #[arg(long = "cpu-of")]
+    pub cpu_of: Vec<String>,
     /// Seconds between samples of the server's RSS (with --server-pid).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub rss_every: u64,
@@ -73,13 +93,26 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// What each request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Body {
+    /// A signed frame to `{url}/v1/ingest`, as an edge sends it; `202` is
+    /// an acknowledgement.
+    Frame,
+    /// The frame's events as a JSON array (the events as a client sends
+    /// them) to the URL as given; any `2xx` is an acknowledgement.
+    Json,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Aggregator base URL.
+    /// Aggregator base URL (`Body::Json`: the URL to post to).
     pub url: String,
-    /// Edge key to sign with.
-    pub key: EdgeKey,
+    /// What each request carries.
+    pub body: Body,
+    /// Edge key to sign frames with (`Body::Frame`).
+    pub key: Option<EdgeKey>,
     /// Frames to send.
     pub frames: usize,
     /// Events per frame.
@@ -92,8 +125,12 @@ pub struct BenchOptions {
     pub wait_delivery: bool,
     /// PostgreSQL URL for the COPY baseline.
     pub baseline_postgres: Option<String>,
+    /// Wait until this PostgreSQL's `events` holds every event sent.
+    pub count_rows: Option<String>,
     /// PID of the server, to report its peak RSS (Linux).
     pub server_pid: Option<u32>,
+    /// Names of processes whose CPU is reported too.
+    pub cpu_of: Vec<String>,
     /// Seconds between samples of the server's RSS.
     pub rss_every: Duration,
     /// Client id the frames claim.
@@ -131,6 +168,15 @@ pub struct BenchReport {
     pub server_cpu_secs: Option<f64>,
     /// [`BenchReport::server_cpu_secs`] per acknowledged event, µs.
     pub server_cpu_us_per_event: Option<f64>,
+    /// CPU seconds over the same span of the processes named with
+    /// `--cpu-of`, by name (each process's own and its reaped children's).
+    pub cpu_by_process: std::collections::BTreeMap<String, f64>,
+    /// The whole machine's busy CPU seconds over the same span, less this
+    /// generator's own: the server and everything it uses, and whatever
+    /// else runs.
+    pub machine_cpu_secs: Option<f64>,
+    /// [`BenchReport::machine_cpu_secs`] per acknowledged event, µs.
+    pub machine_cpu_us_per_event: Option<f64>,
     /// Server's peak resident memory, MiB.
     pub server_peak_rss_mib: Option<f64>,
     /// The server's resident memory over the run (from the first request
@@ -231,7 +277,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             created_at: now,
             compress: true,
         };
-        frames.push(Bytes::from(frame::encode(&meta, &batch, &opts.key)?));
+        frames.push(Bytes::from(match (opts.body, &opts.key) {
+            (Body::Frame, Some(key)) => frame::encode(&meta, &batch, key)?,
+            (Body::Frame, None) => bail!("frames need an edge key"),
+            (Body::Json, _) => serde_json::to_vec(&batch.events)?,
+        }));
         if opts.baseline_postgres.is_some() {
             all_events.append(&mut batch.events);
         }
@@ -240,13 +290,29 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(opts.concurrency)
         .build_http();
-    let uri: hyper::Uri = format!("{}/v1/ingest", opts.url.trim_end_matches('/')).parse()?;
-    let before = delivered_postgres(&client, &opts.url).await.unwrap_or(0.0);
+    let (uri, content_type): (hyper::Uri, _) = match opts.body {
+        Body::Frame => (
+            format!("{}/v1/ingest", opts.url.trim_end_matches('/')).parse()?,
+            outpost_aggregator::http::FRAME_CONTENT_TYPE,
+        ),
+        Body::Json => (opts.url.parse()?, "application/json"),
+    };
+    let body_kind = opts.body;
+    let rows = match &opts.count_rows {
+        Some(url) => Some(RowCount::connect(url, &opts.client_id).await?),
+        None => None,
+    };
+    let before = match &rows {
+        Some(rows) => rows.count().await? as f64,
+        None => delivered_postgres(&client, &opts.url).await.unwrap_or(0.0),
+    };
 
     let frames = Arc::new(frames);
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let cpu_before = opts.server_pid.and_then(cpu_secs);
+    let named_before = processes_cpu(&opts.cpu_of);
+    let machine_before = machine_busy_secs().zip(cpu_secs(std::process::id()));
     let started = Instant::now();
     let (stop_sampling, stopped) = tokio::sync::oneshot::channel::<()>();
     let rss_sampler = opts
@@ -277,10 +343,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let req = hyper::Request::post(uri.clone())
-                    .header(
-                        hyper::header::CONTENT_TYPE,
-                        outpost_aggregator::http::FRAME_CONTENT_TYPE,
-                    )
+                    .header(hyper::header::CONTENT_TYPE, content_type)
                     .body(Full::new(frames[i].clone()));
                 let t = Instant::now();
                 let outcome = match req {
@@ -293,7 +356,11 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
-                            if status == hyper::StatusCode::ACCEPTED {
+                            let acknowledged = match body_kind {
+                                Body::Frame => status == hyper::StatusCode::ACCEPTED,
+                                Body::Json => status.is_success(),
+                            };
+                            if acknowledged {
                                 Ok(())
                             } else {
                                 let code = serde_json::from_slice::<serde_json::Value>(&body)
@@ -352,12 +419,16 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let events_ok = frames_ok * opts.events_per_frame as u64;
 
     let mut end_to_end_secs = None;
-    if opts.wait_delivery {
+    if opts.wait_delivery || rows.is_some() {
         eprintln!("waiting until PostgreSQL has all {events_ok} events…");
         let target = before + events_ok as f64;
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
-            if delivered_postgres(&client, &opts.url).await.unwrap_or(0.0) >= target {
+            let stored = match &rows {
+                Some(rows) => rows.count().await? as f64,
+                None => delivered_postgres(&client, &opts.url).await.unwrap_or(0.0),
+            };
+            if stored >= target {
                 end_to_end_secs = Some(started.elapsed().as_secs_f64());
                 break;
             }
@@ -379,7 +450,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     // the server's CPU is counted to here, and the yardstick below runs on
     // a quiet machine, not while a sink is still catching up on the same
     // CPUs.
-    if opts.wait_delivery || opts.server_pid.is_some() {
+    if opts.body == Body::Frame && (opts.wait_delivery || opts.server_pid.is_some()) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while metric(&client, &opts.url, "outpost_spool_batches")
             .await
@@ -395,6 +466,15 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         .and_then(cpu_secs)
         .zip(cpu_before)
         .map(|(after, before)| after - before);
+    let cpu_by_process = cpu_by_name(&named_before, &processes_cpu(&opts.cpu_of));
+    let machine_cpu_secs = machine_busy_secs()
+        .zip(cpu_secs(std::process::id()))
+        .zip(machine_before)
+        .map(|((busy, own), (busy0, own0))| ((busy - busy0) - (own - own0)).max(0.0));
+    let per_event = |secs: Option<f64>| {
+        secs.filter(|_| events_ok > 0)
+            .map(|c| c * 1e6 / events_ok as f64)
+    };
     let baseline_copy_runs = match &opts.baseline_postgres {
         Some(url) => copy_baseline(url, &opts.client_id, &all_events, &batch.facts).await?,
         None => Vec::new(),
@@ -417,9 +497,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         baseline_copy_runs,
         ratio_to_copy,
         server_cpu_secs,
-        server_cpu_us_per_event: server_cpu_secs
-            .filter(|_| events_ok > 0)
-            .map(|c| c * 1e6 / events_ok as f64),
+        server_cpu_us_per_event: per_event(server_cpu_secs),
+        cpu_by_process,
+        machine_cpu_secs,
+        machine_cpu_us_per_event: per_event(machine_cpu_secs),
         server_peak_rss_mib: opts.server_pid.and_then(|pid| status_mib(pid, "VmHWM:")),
         server_rss_samples,
     })
@@ -435,6 +516,36 @@ async fn delivered_postgres(
         "outpost_sink_delivered_events_total{sink=\"postgres\"}",
     )
     .await
+}
+
+/// Rows of one client in PostgreSQL's `events`, for servers without
+/// Outpost's metrics.
+struct RowCount {
+    pool: sqlx::PgPool,
+    client_id: String,
+}
+
+impl RowCount {
+    async fn connect(url: &str, client_id: &str) -> anyhow::Result<RowCount> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .context("--count-rows PostgreSQL")?;
+        Ok(RowCount {
+            pool,
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    async fn count(&self) -> anyhow::Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE client_id = $1")
+                .bind(&self.client_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }
 
 /// One sample of the aggregator's `/metrics` (0 when it is not there).
@@ -583,12 +694,106 @@ fn cpu_secs(pid: u32) -> Option<f64> {
 }
 
 fn stat_cpu_secs(stat: &str) -> Option<f64> {
-    // The command name (field 2) may hold spaces and `)`: count after the
-    // last `)`.
-    let mut after_name = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
-    let utime: f64 = after_name.nth(11)?.parse().ok()?;
-    let stime: f64 = after_name.next()?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    stat_cpu(stat).map(|c| c.own)
+}
+
+/// What `/proc/PID/stat` says of a process's CPU.
+#[derive(Debug, PartialEq)]
+struct StatCpu<'a> {
+    /// The command name (at most 15 bytes).
+    name: &'a str,
+    /// Its own CPU seconds, user and system.
+    own: f64,
+    /// CPU seconds of the children it waited for (PostgreSQL's backends
+    /// that closed, say).
+    children: f64,
+}
+
+fn stat_cpu(stat: &str) -> Option<StatCpu<'_>> {
+    // The command name (field 2) may hold spaces and `)`: it runs from the
+    // first `(` to the last `)`; count fields after it.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let name = stat.get(open + 1..close)?;
+    let mut after_name = stat.get(close + 1..)?.split_whitespace();
+    let mut next = |skip: usize| -> Option<f64> { after_name.nth(skip)?.parse().ok() };
+    let (utime, stime, cutime, cstime) = (next(11)?, next(0)?, next(0)?, next(0)?);
+    Some(StatCpu {
+        name,
+        own: (utime + stime) / 100.0,
+        children: (cutime + cstime) / 100.0,
+    })
+}
+
+/// CPU seconds (own and reaped children's) of every process named in
+/// `names`, by pid, this generator left out.
+fn processes_cpu(names: &[String]) -> std::collections::HashMap<u32, (String, f64)> {
+    let mut found = std::collections::HashMap::new();
+    if names.is_empty() {
+        return found;
+    }
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // A process may exit between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(cpu) = stat_cpu(&stat).filter(|c| names.iter().any(|n| n == c.name)) {
+            found.insert(pid, (cpu.name.to_owned(), cpu.own + cpu.children));
+        }
+    }
+    found
+}
+
+/// CPU seconds by name between two [`processes_cpu`] readings: a process
+/// seen only at the end counts whole (it started during the run); one
+/// that ended during the run counts through its parent's reaped children
+/// when the parent has the same name (PostgreSQL's postmaster) — all of
+/// its time, from before the run too. A benchmark's pooled connections
+/// outlive the run, so that over-count stays small.
+fn cpu_by_name(
+    before: &std::collections::HashMap<u32, (String, f64)>,
+    after: &std::collections::HashMap<u32, (String, f64)>,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for (pid, (name, secs)) in after {
+        let earlier = before
+            .get(pid)
+            .filter(|(n, _)| n == name)
+            .map_or(0.0, |(_, s)| *s);
+        *by_name.entry(name.clone()).or_insert(0.0) += (secs - earlier).max(0.0);
+    }
+    by_name
+}
+
+/// Busy CPU seconds of the whole machine since boot: every CPU's time
+/// outside idle and I/O wait (Linux: the first line of `/proc/stat`).
+fn machine_busy_secs() -> Option<f64> {
+    proc_stat_busy_secs(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn proc_stat_busy_secs(stat: &str) -> Option<f64> {
+    // cpu user nice system idle iowait irq softirq steal guest guest_nice
+    // (guest time is already inside user and nice).
+    let mut f = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace();
+    let ticks: Vec<f64> = (0..8)
+        .map(|_| f.next()?.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    Some(busy / 100.0)
 }
 
 /// A memory line of `/proc/PID/status` (`VmHWM:` peak, `VmRSS:` now), MiB.
@@ -651,6 +856,17 @@ impl BenchReport {
                 "server CPU until every sink had every event: {c:.2} s = {per:.1} µs per event\n"
             ));
         }
+        for (name, c) in &self.cpu_by_process {
+            s.push_str(&format!(
+                "CPU of {name}: {c:.2} s = {:.1} µs per event\n",
+                c * 1e6 / self.events_ok.max(1) as f64
+            ));
+        }
+        if let (Some(c), Some(per)) = (self.machine_cpu_secs, self.machine_cpu_us_per_event) {
+            s.push_str(&format!(
+                "machine CPU less the generator's: {c:.2} s = {per:.1} µs per event\n"
+            ));
+        }
         if let Some(m) = self.server_peak_rss_mib {
             s.push_str(&format!("server peak RSS: {m:.1} MiB\n"));
         }
@@ -679,14 +895,28 @@ impl BenchReport {
 
 /// `outpost bench`: load, wait, report (text or JSON).
 pub fn main(a: BenchArgs) -> anyhow::Result<()> {
-    let config = outpost_aggregator::config::Config::load_unchecked(a.config.as_deref())?;
-    let key = config
-        .edge_keys
-        .first()
-        .cloned()
-        .context("no edge key: pass --config or set OUTPOST_EDGE_KEYS")?;
+    let key = match a.body {
+        Body::Frame => {
+            let config = outpost_aggregator::config::Config::load_unchecked(a.config.as_deref())?;
+            Some(
+                config
+                    .edge_keys
+                    .first()
+                    .cloned()
+                    .context("no edge key: pass --config or set OUTPOST_EDGE_KEYS")?,
+            )
+        }
+        Body::Json => None,
+    };
+    anyhow::ensure!(
+        a.body == Body::Frame
+            || a.count_rows.is_some()
+            || !(a.wait_delivery || a.baseline_postgres.is_some()),
+        "--body json: the end-to-end rate needs --count-rows (there are no Outpost metrics to read)"
+    );
     let opts = BenchOptions {
         url: a.url,
+        body: a.body,
         key,
         frames: a.frames,
         events_per_frame: a.events_per_frame,
@@ -694,7 +924,9 @@ pub fn main(a: BenchArgs) -> anyhow::Result<()> {
         rate: a.rate,
         wait_delivery: a.wait_delivery || a.baseline_postgres.is_some(),
         baseline_postgres: a.baseline_postgres,
+        count_rows: a.count_rows,
         server_pid: a.server_pid,
+        cpu_of: a.cpu_of,
         rss_every: Duration::from_secs(a.rss_every),
         client_id: a.client_id,
     };
@@ -721,6 +953,7 @@ mod tests {
         // This process: the reading grows while it spends CPU (ticks are
         // 10 ms; a loaded machine may take a while to give it them).
         let before = cpu_secs(std::process::id()).unwrap();
+        let machine_before = machine_busy_secs().unwrap();
         let spin = Instant::now();
         let mut x = 0u64;
         while cpu_secs(std::process::id()).unwrap() <= before {
@@ -729,5 +962,68 @@ mod tests {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }
         }
+        assert!(
+            machine_busy_secs().unwrap() > machine_before,
+            "the machine's busy time holds this process's"
+        );
+    }
+
+    #[test]
+    fn a_process_cpu_reading_has_its_name_and_its_reaped_childrens_time() {
+        let stat = "77 (postgres) S 1 77 77 0 -1 4194560 900 0 0 0 250 75 30 20 20 0 1 0";
+        assert_eq!(
+            stat_cpu(stat),
+            Some(StatCpu {
+                name: "postgres",
+                own: 3.25,
+                children: 0.5
+            })
+        );
+        let odd = "78 (a (b) c) R 1 78 78 0 -1 0 0 0 0 0 1 2 3 4 20 0 1 0";
+        assert_eq!(stat_cpu(odd).map(|c| c.name), Some("a (b) c"));
+        // Truncated before the children's fields.
+        assert_eq!(
+            stat_cpu("79 (redis-server) S 1 79 79 0 -1 0 0 0 0 0 1 2"),
+            None
+        );
+    }
+
+    #[test]
+    fn cpu_by_name_counts_what_each_process_spent_between_the_readings() {
+        let reading = |rows: &[(u32, &str, f64)]| {
+            rows.iter()
+                .map(|&(pid, name, secs)| (pid, (name.to_owned(), secs)))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let before = reading(&[
+            (1, "postgres", 10.0),
+            (2, "postgres", 4.0),
+            (3, "redis-server", 7.0),
+            (4, "vector", 1.0),
+        ]);
+        let after = reading(&[
+            // 1 ran 2 s and reaped 2, which had 5 s in all (4 before the
+            // run): all 7 count, the over-count the function names.
+            (1, "postgres", 17.0),
+            // A backend that started during the run counts whole.
+            (5, "postgres", 0.5),
+            (3, "redis-server", 7.25),
+            // pid 4 was reused by another program: not the earlier one's time.
+            (4, "influxd", 0.75),
+        ]);
+        let by_name = cpu_by_name(&before, &after);
+        assert_eq!(by_name.len(), 3);
+        assert_eq!(by_name["postgres"], 7.5);
+        assert_eq!(by_name["redis-server"], 0.25);
+        assert_eq!(by_name["influxd"], 0.75);
+    }
+
+    #[test]
+    fn the_machine_busy_time_leaves_out_idle_and_io_wait() {
+        let stat = "cpu  100 5 50 1000 30 2 3 4 9 0\ncpu0 50 2 25 500 15 1 1 2 0 0\n";
+        // user nice system irq softirq steal = 164 ticks.
+        assert_eq!(proc_stat_busy_secs(stat), Some(1.64));
+        assert_eq!(proc_stat_busy_secs("cpu  100 5 50"), None);
+        assert_eq!(proc_stat_busy_secs("intr 1 2 3 4 5 6 7 8"), None);
     }
 }
