@@ -498,6 +498,20 @@ async fn the_readme_metrics_table_is_what_metrics_exports() {
     );
 }
 
+/// `outpost bench --json` with `args` and `env`, run off the async runtime
+/// (the servers it loads may be this test's): its report.
+async fn bench_report(args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut cmd = std::process::Command::new(outpost_tests::outpost_bin());
+    cmd.arg("bench")
+        .args(args)
+        .arg("--json")
+        .envs(env.iter().copied());
+    let out = tokio::task::spawn_blocking(move || outpost_tests::run_ok(&mut cmd))
+        .await
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[tokio::test]
 async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
     let (db, redis) = (TestDb::new().await, TestRedis::new());
@@ -508,45 +522,31 @@ async fn outpost_bench_sends_waits_for_delivery_and_compares_with_copy() {
             .encode(outpost_tests::aggregator::EDGE_SECRET)
     };
     let (url, db_url, pid) = (agg.url.clone(), db.url.clone(), agg.pid().to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(outpost_tests::outpost_bin())
-            .args([
-                "bench",
-                "--url",
-                &url,
-                "--frames",
-                "20",
-                "--events-per-frame",
-                "10",
-                "--concurrency",
-                "4",
-            ])
-            .args([
-                "--client-id",
-                "bench-test",
-                "--baseline-postgres",
-                &db_url,
-                "--server-pid",
-                &pid,
-                "--rss-every",
-                "1",
-                "--json",
-            ])
-            .env(
-                "OUTPOST_EDGE_KEYS",
-                format!("{}={secret}", outpost_tests::aggregator::EDGE_KEY_ID),
-            )
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_report(
+        &[
+            "--url",
+            &url,
+            "--frames",
+            "20",
+            "--events-per-frame",
+            "10",
+            "--concurrency",
+            "4",
+            "--client-id",
+            "bench-test",
+            "--baseline-postgres",
+            &db_url,
+            "--server-pid",
+            &pid,
+            "--rss-every",
+            "1",
+        ],
+        &[(
+            "OUTPOST_EDGE_KEYS",
+            &format!("{}={secret}", outpost_tests::aggregator::EDGE_KEY_ID),
+        )],
+    )
+    .await;
     assert_eq!(report["frames_ok"], 20);
     assert_eq!(report["events_ok"], 200);
     assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
@@ -636,38 +636,28 @@ async fn outpost_bench_posts_json_arrays_to_another_collector_and_counts_its_row
     let url = format!("http://{}/collect", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let db_url = db.url.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(outpost_tests::outpost_bin())
-            .args([
-                "bench",
-                "--body",
-                "json",
-                "--url",
-                &url,
-                "--count-rows",
-                &db_url,
-            ])
-            .args([
-                "--client-id",
-                "bench-json",
-                "--frames",
-                "10",
-                "--events-per-frame",
-                "20",
-            ])
-            .args(["--concurrency", "2", "--cpu-of", "postgres", "--json"])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_report(
+        &[
+            "--body",
+            "json",
+            "--url",
+            &url,
+            "--count-rows",
+            &db.url,
+            "--client-id",
+            "bench-json",
+            "--frames",
+            "10",
+            "--events-per-frame",
+            "20",
+            "--concurrency",
+            "2",
+            "--cpu-of",
+            "postgres",
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(report["frames_ok"], 10);
     assert_eq!(report["events_ok"], 200);
     assert!(report["end_to_end_events_per_sec"].as_f64().unwrap() > 0.0);
