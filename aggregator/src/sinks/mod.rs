@@ -71,6 +71,11 @@ impl<'a> Row<'a> {
             .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
     }
 
+    /// The client address, parsed ([`Row::client_ip`]'s).
+    pub fn client_addr(&self) -> Option<std::net::IpAddr> {
+        self.facts.client_ip.as_deref()?.parse().ok()
+    }
+
     /// `properties` as JSON text, as the client sent it.
     pub fn properties_json(&self) -> &str {
         self.event.properties.get()
