@@ -436,12 +436,12 @@ impl Columns {
 /// Rows in `COPY`'s binary format: a header, then per row the number of
 /// columns and each value as its length (`-1` for NULL) and PostgreSQL's
 /// binary form of it, then a trailer. Nothing is escaped and no number or
-/// instant is formatted as text for PostgreSQL to parse back (about a tenth
-/// less of its time than the text format on these rows, BENCHMARKS.md).
-/// The binary forms are those of the column types in `migrations/postgres`
-/// (a test reads them back from PostgreSQL's own `COPY … TO … (FORMAT
-/// binary)`); text goes in as the UTF-8 it is, which PostgreSQL checks as
-/// it would in the text format.
+/// instant is formatted as text for PostgreSQL to parse back (~9 % less
+/// of its time for a `COPY` of these rows alone; end to end, inside the
+/// noise: BENCHMARKS.md). The binary forms are those of the column types
+/// in `migrations/postgres` (a test reads them back from PostgreSQL's own
+/// `COPY … TO … (FORMAT binary)`); text goes in as the UTF-8 it is, which
+/// PostgreSQL checks as it would in the text format.
 struct CopyRows {
     buf: Vec<u8>,
 }
