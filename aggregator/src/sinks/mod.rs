@@ -65,13 +65,10 @@ impl<'a> Row<'a> {
     /// The client address, if the edge sent a valid one (a wrong one is
     /// dropped, not allowed to fail the row).
     pub fn client_ip(&self) -> Option<&str> {
-        self.facts
-            .client_ip
-            .as_deref()
-            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+        self.client_addr().and(self.facts.client_ip.as_deref())
     }
 
-    /// The client address, parsed ([`Row::client_ip`]'s).
+    /// The client address, parsed (the one [`Row::client_ip`] gives).
     pub fn client_addr(&self) -> Option<std::net::IpAddr> {
         self.facts.client_ip.as_deref()?.parse().ok()
     }
