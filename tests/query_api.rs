@@ -115,7 +115,8 @@ async fn fixture_on(kind: Kind) -> Fixture {
     let redis = TestRedis::new();
     let (agg, db) = match kind {
         Kind::Postgres => {
-            let db = TestDb::new().await;
+            // A locale that does not order text by bytes, as in production.
+            let db = TestDb::in_locale("en-US").await;
             let agg = Aggregator::start(&store_config(&db.url, &redis)).await;
             (agg, Store::Postgres(db))
         }
@@ -646,6 +647,58 @@ async fn stats_count_events_per_bucket_and_group(kind: Kind) {
         n as usize,
         f.acme.iter().filter(|e| e.2 == "checkout").count()
     );
+}
+
+on_both_stores!(stats_groups_come_in_byte_order);
+/// Points of a bucket come in byte order of their group, from the rollups
+/// and from the rows alike, whatever the database's locale (the fixture's
+/// PostgreSQL sorts as `en-US` does: `alpha Beta éclair Zeta`).
+async fn stats_groups_come_in_byte_order(kind: Kind) {
+    let f = fixture_on(kind).await;
+    // Four days back: a day no fixture event is in.
+    let at = now().millis() - 4 * DAY_MS;
+    let names = ["Zeta", "alpha", "Beta", "éclair", "_under", "Äpfel", "beta"];
+    let mut evs = events(900, 0..names.len() as u32);
+    for (e, name) in evs.iter_mut().zip(names) {
+        e.timestamp = Some(Timestamp(at));
+        e.name = Some(name.into());
+        e.user_id = Some("u-order".into());
+    }
+    f.agg
+        .ingest_accepted(frame_for("acme-web", evs, batch_id()))
+        .await;
+    let day = chrono_day(at); // `to` as a date is the end of that day
+    let mut want: Vec<&str> = names.to_vec();
+    want.sort_unstable(); // str's order is byte order
+    let expected_source = match kind {
+        Kind::Postgres => "rollup",
+        Kind::Sqlite => "events",
+    };
+    // The rollups (with the sketches' users too), then the rows (a filter
+    // on another dimension).
+    for (extra, source) in [
+        ("", expected_source),
+        ("&users=true", expected_source),
+        ("&user_id=u-order", "events"),
+    ] {
+        let query = format!("bucket=day&group_by=name&from={day}&to={day}{extra}");
+        eventually(20, "the new day's seven points", || async {
+            stats(&f, "acme-web", &query).await.1["series"]
+                .as_array()
+                .is_some_and(|s| s.len() == names.len())
+        })
+        .await;
+        let (status, body) = stats(&f, "acme-web", &query).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["source"], source, "{query}: {body}");
+        let got: Vec<&str> = body["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, want, "{query}");
+    }
 }
 
 #[tokio::test]

@@ -70,13 +70,29 @@ pub struct TestDb {
 impl TestDb {
     /// Creates a fresh, empty database.
     pub async fn new() -> TestDb {
+        TestDb::create("").await
+    }
+
+    /// Creates a fresh, empty database whose default collation is the ICU
+    /// locale `locale` (e.g. `en-US`): text ordered as people read it, not
+    /// by bytes, like the databases of the PostgreSQL image in
+    /// docker-compose.yml (`en_US.utf8`) and unlike this machine's `C.UTF-8`.
+    pub async fn in_locale(locale: &str) -> TestDb {
+        TestDb::create(&format!(
+            " TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE '{locale}'"
+        ))
+        .await
+    }
+
+    /// `CREATE DATABASE <a new name><options>`.
+    async fn create(options: &str) -> TestDb {
         let name = unique("outpost_test");
         let admin = format!("{}/postgres", pg_admin_url());
         let mut conn: sqlx::PgConnection =
             sqlx::Connection::connect(&admin).await.unwrap_or_else(|e| {
                 panic!("PostgreSQL at {admin} is needed (scripts/test starts it): {e}")
             });
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        sqlx::query(&format!("CREATE DATABASE {name}{options}"))
             .execute(&mut conn)
             .await
             .expect("create database");

@@ -48,7 +48,7 @@ pub struct StatsAnswer {
     pub group_by: Option<&'static str>,
     /// `rollup` (PostgreSQL's per-minute counts) or `events` (the rows).
     pub source: &'static str,
-    /// The points, by bucket then group.
+    /// The points, by bucket, then by group in byte order.
     pub series: Vec<StatsPoint>,
     /// The request id.
     pub request_id: String,

@@ -90,10 +90,11 @@ const COPY: &str = concat!("COPY events (", columns!(), ") FROM STDIN (FORMAT bi
 /// `COPY` stored ([`Counts`]).
 const COUNT: &str = r#"
 INSERT INTO event_counts (client_id, dim, minute, value, events)
-SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[])
--- One lock order for every writer (the same as INSERT's): concurrent writes
--- wait, never deadlock.
-ORDER BY 1, 2, 3, 4
+SELECT c, d, m, v, n FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[])
+    AS x(c, d, m, v, n)
+-- One lock order for every writer (the same as INSERT's, the key's byte
+-- order): concurrent writes wait, never deadlock.
+ORDER BY c COLLATE "C", d COLLATE "C", m, v COLLATE "C"
 ON CONFLICT ON CONSTRAINT event_counts_key DO UPDATE SET events = event_counts.events + EXCLUDED.events
 "#;
 
@@ -127,8 +128,9 @@ FROM per_minute,
                      ('platform', platform), ('app_version', app_version), ('level', level),
                      ('priority', priority)) AS d(dim, value)
 GROUP BY 1, 2, 3, 4
--- One lock order for every writer: concurrent writes wait, never deadlock.
-ORDER BY 1, 2, 3, 4
+-- One lock order for every writer (the key's byte order): concurrent writes
+-- wait, never deadlock.
+ORDER BY client_id COLLATE "C", d.dim COLLATE "C", minute, d.value COLLATE "C"
 ON CONFLICT ON CONSTRAINT event_counts_key DO UPDATE SET events = event_counts.events + EXCLUDED.events
 "#
 );
