@@ -397,6 +397,17 @@ proptest! {
     }
 
     #[test]
+    fn prop_the_body_writer_writes_what_the_derive_writes(mut batch in arb_batch()) {
+        // Unvalidated events without a timestamp too: both take the arrival time.
+        for e in batch.events.iter_mut().step_by(3) {
+            e.timestamp = None;
+        }
+        let mut written = Vec::new();
+        wire::write_body(&batch, &mut written).unwrap();
+        prop_assert_eq!(written, wire::Body::from_batch(&batch).unwrap().encode_to_vec());
+    }
+
+    #[test]
     fn prop_decode_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
         let _ = decode(&bytes, &ring(), &FrameLimits::default());
     }

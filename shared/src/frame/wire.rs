@@ -21,6 +21,7 @@ use crate::event::{
     Context as EventContext, EdgeFacts, Event as DomainEvent, Kind, Level, Priority, Timestamp,
 };
 use crate::properties::{Properties, PropertiesError};
+use prost::encoding::{WireType, encode_key, encode_varint};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct Body {
@@ -192,14 +193,14 @@ fn priority_from_wire(v: u32) -> Result<Priority, WireError> {
 
 /// Validation guarantees lower-case hex of the right length; anything else
 /// is refused rather than sent in a form that would decode to another value.
-fn hex_to_wire(id: Option<&str>, len: usize) -> Result<Vec<u8>, &'static str> {
-    match id {
-        None => Ok(Vec::new()),
-        Some(s) if s.len() == len * 2 && !s.bytes().any(|b| b.is_ascii_uppercase()) => {
-            hex::decode(s).map_err(|_| "trace_id and span_id must be hex")
-        }
-        Some(_) => Err("trace_id and span_id must be lower-case hex of W3C length"),
+fn hex_to_wire<const N: usize>(id: Option<&str>) -> Result<Option<[u8; N]>, &'static str> {
+    let Some(s) = id else { return Ok(None) };
+    if s.len() != N * 2 || s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err("trace_id and span_id must be lower-case hex of W3C length");
     }
+    let mut out = [0; N];
+    hex::decode_to_slice(s, &mut out).map_err(|_| "trace_id and span_id must be hex")?;
+    Ok(Some(out))
 }
 
 fn hex_from_wire(
@@ -218,7 +219,126 @@ fn hex_from_wire(
     }
 }
 
+/// Writes `batch` as a protobuf `Body`: the bytes prost's derive writes
+/// for the same batch (a property test holds them equal), without first
+/// copying every string of every event into the structs above, which are
+/// for reading. Fields go in tag order; a proto3 field without `optional`
+/// is left out when it holds its default, an `optional` one is written
+/// whenever it is set — as the derive does.
+pub(super) fn write_body(batch: &Batch, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    let f = &batch.facts;
+    put_bytes(out, 1, batch.client_id.as_bytes());
+    nested(out, 2, |out| {
+        put_opt_str(out, 1, f.client_ip.as_deref());
+        put_opt_str(out, 2, f.user_agent.as_deref());
+        put_varint(out, 3, f.received_at.millis() as u64);
+        put_opt_str(out, 4, f.pop.as_deref());
+        put_opt_str(out, 5, f.country_hint.as_deref());
+        put_opt_str(out, 6, f.origin.as_deref());
+    });
+    for e in &batch.events {
+        nested(out, 3, |out| write_event(out, e, f.received_at))?;
+    }
+    if let Some(t) = batch.sent_at {
+        put_opt_varint(out, 4, Some(t.millis() as u64));
+    }
+    Ok(())
+}
+
+fn write_event(
+    out: &mut Vec<u8>,
+    e: &DomainEvent,
+    received_at: Timestamp,
+) -> Result<(), &'static str> {
+    let trace_id = hex_to_wire::<16>(e.trace_id.as_deref())?;
+    let span_id = hex_to_wire::<8>(e.span_id.as_deref())?;
+    put_bytes(out, 1, e.event_id.as_bytes());
+    // Validation always fills the timestamp; an unvalidated event gets
+    // the arrival time, as validation would give it.
+    put_varint(out, 2, e.timestamp.unwrap_or(received_at).millis() as u64);
+    put_varint(out, 3, kind_to_wire(e.kind).into());
+    put_opt_str(out, 4, e.name.as_deref());
+    put_opt_str(out, 5, e.message.as_deref());
+    put_opt_varint(out, 6, e.level.map(|l| level_to_wire(l).into()));
+    put_opt_str(out, 7, e.user_id.as_deref());
+    put_opt_str(out, 8, e.anonymous_id.as_deref());
+    put_opt_str(out, 9, e.session_id.as_deref());
+    // As the client sent it: the edge never re-serialises it.
+    if !e.properties.is_empty() {
+        put_bytes(out, 10, e.properties.get().as_bytes());
+    }
+    let c = &e.context;
+    if !c.is_empty() {
+        nested(out, 11, |out| {
+            for (tag, (_, value)) in (1..).zip(c.fields()) {
+                put_opt_str(out, tag, value);
+            }
+        });
+    }
+    put_bytes(out, 12, trace_id.as_ref().map_or(&[][..], |id| &id[..]));
+    put_bytes(out, 13, span_id.as_ref().map_or(&[][..], |id| &id[..]));
+    put_opt_varint(out, 14, e.seq);
+    let priority = match e.priority {
+        Priority::Normal => 0,
+        Priority::High => 1,
+    };
+    put_varint(out, 15, priority);
+    Ok(())
+}
+
+/// A length-delimited field holding what `write` appends: written in
+/// place, then its length is moved in front of it.
+fn nested<R>(out: &mut Vec<u8>, tag: u32, write: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    encode_key(tag, WireType::LengthDelimited, out);
+    let start = out.len();
+    let written = write(out);
+    let len = out.len() - start;
+    encode_varint(len as u64, out);
+    let prefix = out.len() - start - len;
+    out[start..].rotate_right(prefix);
+    written
+}
+
+/// A `string` or `bytes` field without `optional`: left out when empty.
+fn put_bytes(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
+    if !value.is_empty() {
+        put_opt_str_bytes(out, tag, value);
+    }
+}
+
+/// An `optional string`: written whenever set, even when empty.
+fn put_opt_str(out: &mut Vec<u8>, tag: u32, value: Option<&str>) {
+    if let Some(v) = value {
+        put_opt_str_bytes(out, tag, v.as_bytes());
+    }
+}
+
+fn put_opt_str_bytes(out: &mut Vec<u8>, tag: u32, value: &[u8]) {
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(value.len() as u64, out);
+    out.extend_from_slice(value);
+}
+
+/// An integer field without `optional` (`int64` as its two's complement):
+/// left out when zero.
+fn put_varint(out: &mut Vec<u8>, tag: u32, value: u64) {
+    if value != 0 {
+        put_opt_varint(out, tag, Some(value));
+    }
+}
+
+/// An `optional` integer field: written whenever set, even when zero.
+fn put_opt_varint(out: &mut Vec<u8>, tag: u32, value: Option<u64>) {
+    if let Some(v) = value {
+        encode_key(tag, WireType::Varint, out);
+        encode_varint(v, out);
+    }
+}
+
 impl Body {
+    /// The batch as the derive's struct: the reference [`write_body`] is
+    /// tested against.
+    #[cfg(test)]
     pub(super) fn from_batch(batch: &Batch) -> Result<Body, &'static str> {
         let f = &batch.facts;
         Ok(Body {
@@ -271,6 +391,7 @@ impl Body {
 }
 
 impl Event {
+    #[cfg(test)]
     fn from_domain(e: &DomainEvent, received_at: Timestamp) -> Result<Event, &'static str> {
         let c = &e.context;
         let context = (!c.is_empty()).then(|| Context {
@@ -302,8 +423,8 @@ impl Event {
                 e.properties.get().as_bytes().to_vec()
             },
             context,
-            trace_id: hex_to_wire(e.trace_id.as_deref(), 16)?,
-            span_id: hex_to_wire(e.span_id.as_deref(), 8)?,
+            trace_id: hex_to_wire::<16>(e.trace_id.as_deref())?.map_or_else(Vec::new, Vec::from),
+            span_id: hex_to_wire::<8>(e.span_id.as_deref())?.map_or_else(Vec::new, Vec::from),
             seq: e.seq,
             priority: match e.priority {
                 Priority::Normal => 0,
