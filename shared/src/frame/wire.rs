@@ -2,6 +2,11 @@
 //! `.proto` build step, no `protoc`). Tags are forever: never reuse or
 //! renumber one; add new fields as optional with new tags.
 //!
+//! The derived structs read a body; [`write_body`] writes one straight
+//! from the domain types (no copy of every string). A new field goes in
+//! three places: its struct below, `write_body`, and the tests' random
+//! events — a property test then holds the two encodings byte-equal.
+//!
 //! ```proto
 //! message Body    { string client_id = 1; Facts facts = 2; repeated Event events = 3; optional int64 sent_at_ms = 4; }
 //! message Facts   { optional string client_ip = 1; optional string user_agent = 2; int64 received_at_ms = 3;
