@@ -185,6 +185,13 @@ fn level_to_wire(l: Level) -> u32 {
     Level::ALL.iter().position(|x| *x == l).unwrap_or_default() as u32
 }
 
+fn priority_to_wire(p: Priority) -> u32 {
+    match p {
+        Priority::Normal => 0,
+        Priority::High => 1,
+    }
+}
+
 fn priority_from_wire(v: u32) -> Result<Priority, WireError> {
     match v {
         0 => Ok(Priority::Normal),
@@ -283,11 +290,7 @@ fn write_event(
     put_bytes(out, 12, trace_id.as_ref().map_or(&[][..], |id| &id[..]));
     put_bytes(out, 13, span_id.as_ref().map_or(&[][..], |id| &id[..]));
     put_opt_varint(out, 14, e.seq);
-    let priority = match e.priority {
-        Priority::Normal => 0,
-        Priority::High => 1,
-    };
-    put_varint(out, 15, priority);
+    put_varint(out, 15, priority_to_wire(e.priority).into());
     Ok(())
 }
 
@@ -431,10 +434,7 @@ impl Event {
             trace_id: hex_to_wire::<16>(e.trace_id.as_deref())?.map_or_else(Vec::new, Vec::from),
             span_id: hex_to_wire::<8>(e.span_id.as_deref())?.map_or_else(Vec::new, Vec::from),
             seq: e.seq,
-            priority: match e.priority {
-                Priority::Normal => 0,
-                Priority::High => 1,
-            },
+            priority: priority_to_wire(e.priority),
         })
     }
 
